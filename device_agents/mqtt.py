@@ -17,6 +17,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_agents.disk import read_head
 from device_agents.spool import Spool
 from edgekit_protocol.config import BrokerConfig
 from edgekit_protocol.errors import ConfigError
@@ -92,7 +93,8 @@ def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = 
     ``read_ahead`` makes it a :class:`ReadAheadClient` (for a receiver of many messages: the monitor).
 
     Raises:
-        ConfigError: a TLS file (``broker.tls.ca``, ``cert``, ``key``) is missing or not PEM.
+        ConfigError: a TLS file (``broker.tls.ca``, ``cert``, ``key``) is missing, no regular file (a FIFO) or not
+            PEM.
     """
     # paho's own client where its private _sock_recv (paho-mqtt 2.x) is not there to build on
     cls = ReadAheadClient if read_ahead and hasattr(mqtt.Client, "_sock_recv") else mqtt.Client
@@ -105,6 +107,14 @@ def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = 
         client.username_pw_set(broker.username, password)
     if broker.tls is not None:
         files = {k: getattr(broker.tls, k) for k in ("ca", "cert", "key") if getattr(broker.tls, k)}
+        for k, v in files.items():  # a regular file only: OpenSSL's open of a FIFO waited for a writer, holding us
+            try:
+                read_head(Path(v).expanduser(), 0)
+            except FileNotFoundError:
+                pass  # said below, as paho's error for it
+            except OSError as exc:
+                raise ConfigError(f"broker.tls.{k} {v}: {exc.strerror or exc}; fix the path in the fleet file or agent "
+                                  "config") from None
         try:
             client.tls_set(ca_certs=str(files["ca"]) if "ca" in files else None,
                            certfile=str(files["cert"]) if "cert" in files else None,

@@ -32,6 +32,7 @@ import device_agents
 import edge_kit
 import edgekit_protocol
 from device_agents import codecheck
+from device_agents.disk import read_head, within_limit
 from device_agents.identity import (
     OPERATOR,
     PROVISIONED,
@@ -66,6 +67,7 @@ from edgekit_protocol.labels import clip
 
 STOP_TIMEOUT_S = 30.0
 BROKER_CA = "identity/broker-ca.pem"  # where the deploy puts the broker's CA on the device
+MAX_CA_BYTES = 1 << 20  # of broker.tls.ca: a CA bundle (a system's whole is ~200 KiB) and room to spare
 
 # Each bundle gets a folder of its own, <root>/agent-<sha12>-<pid>, and <root>/agent is a symlink to the
 # current one, switched with one rename: no moment without an agent, and a running agent (whose
@@ -240,6 +242,7 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet, new_key: bool = False) -> Age
             registered since (whatever key it holds now); checked before anything is written to the device.
         DeployError: the device's Python lacks a dependency (with the pip command), an upload or a
             remote step failed.
+        ConfigError: the fleet's broker.tls.ca cannot be read, is no regular file or is over :data:`MAX_CA_BYTES`.
     """
     dev, info = shell.dev, shell.info
     if not new_key:
@@ -275,10 +278,13 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet, new_key: bool = False) -> Age
     changed += _ensure_identity(shell, fleet, before_change, new_key)
     broker = dev.agent_broker or fleet.broker
     if broker.tls and broker.tls.ca:  # the CA the agent checks the broker's certificate against
-        try:
-            ca = Path(broker.tls.ca).expanduser().read_bytes()
+        path, fix = Path(broker.tls.ca).expanduser(), "set broker.tls.ca in the fleet file to the broker's CA certificate (PEM)"
+        try:  # a regular file only, read no further than a CA bundle goes: a FIFO waited for a writer, holding the deploy
+            ca = within_limit(read_head(path, MAX_CA_BYTES), MAX_CA_BYTES, f"broker.tls.ca {path}")
         except OSError as exc:
-            raise ConfigError(f"fleet file, device {dev.name}: broker.tls.ca {broker.tls.ca}: {exc.strerror}") from None
+            raise ConfigError(f"fleet file, device {dev.name}: broker.tls.ca {path}: {exc.strerror}; {fix}") from None
+        except ValueError as exc:  # over the limit: the text names the file
+            raise ConfigError(f"fleet file, device {dev.name}: {exc}; {fix}") from None
         if info["broker_ca_sha256"] != hashlib.sha256(ca).hexdigest():
             before_change()
             shell.put(ca, f"{root}/{BROKER_CA}")

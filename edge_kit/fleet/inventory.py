@@ -297,7 +297,8 @@ class Fleet(StrictModel):
 
         Raises:
             ConfigError: an entry is neither a key nor a readable file holding one (names the entry, and
-                the file: missing, a folder, not text, or a private key where its public half belongs).
+                the file: missing, a folder, no regular file (a FIFO), not text, or a private key where its public
+                half belongs).
         """
         from device_agents.identity import decode_key
 
@@ -307,9 +308,11 @@ class Fleet(StrictModel):
             where = f"{self._source or 'fleet file'}: artifact_keys[{i}]"
             path = base / Path(entry).expanduser()  # an absolute one stays as it is
             if not path.is_file():
-                if entry.strip() and ("." in entry or path.is_dir()):  # base64 has no '.': a file name (a pasted key is never echoed)
-                    raise ConfigError(f"{where}: {path}: {'a folder' if path.is_dir() else 'no such file'}; give a "
-                                      "file holding an Ed25519 public key (base64, as `edgekit sign` prints it), or the key")
+                # base64 has no '.': a file name (a pasted key is never echoed); one that is there (a FIFO) too
+                if entry.strip() and ("." in entry or path.exists()):
+                    what = "a folder" if path.is_dir() else "not a regular file" if path.exists() else "no such file"
+                    raise ConfigError(f"{where}: {path}: {what}; give a file holding an Ed25519 public key (base64, "
+                                      "as `edgekit sign` prints it), or the key")
                 keys.append(decode_key(entry, where))
                 continue
             try:

@@ -406,10 +406,14 @@ class FleetKeys:
         Raises:
             InputError: no key is registered for ``device`` and none ever was revoked (names the registry; a fleet
                 without a keys folder is left without one).
-            ConfigError: the registry or the revoked list is damaged (left as they are).
+            ConfigError: the registry or the revoked list is damaged (left as they are), or the keys folder is a
+                file.
             OSError: a file cannot be written (each stays whole).
         """
         if not self.folder.is_dir():  # nothing was ever registered or revoked: no keys folder is made to say so
+            if self.folder.exists():  # not a missing registry: a device name is not what to check
+                raise ConfigError(f"{self.folder}: the fleet's keys folder is a file; set `keys:` in the fleet file to "
+                                  "its keys folder")
             raise self._no_key(device, {})
         with self._updating():
             data = self._entries()

@@ -593,12 +593,14 @@ def _load_known_hosts(client: paramiko.SSHClient, path: Path) -> None:
     """Load ``path`` (when it exists) into ``client`` as the host keys to check against.
 
     Raises:
-        HostKeyError: the file cannot be read, or a line holds a key that is not one (with its line number).
+        HostKeyError: the file cannot be read or is no regular file (a FIFO, a device), or a line holds a key that is
+            not one (with its line number).
     """
     with _known_hosts_lock:
         if not path.exists():
             return
         try:
+            read_head(path, 0)  # a regular file only: paramiko's open of a FIFO waited for a writer, holding the deploy
             client.load_host_keys(str(path))
         except OSError as exc:
             raise HostKeyError(f"{path}: cannot read the SSH known_hosts file ({exc.strerror or exc}); "

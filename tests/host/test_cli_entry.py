@@ -280,6 +280,19 @@ def test_fleet_revoke_of_a_device_with_no_key_says_so_and_leaves_the_fleet_folde
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.yaml"]
 
 
+def test_fleet_revoke_with_a_keys_folder_that_is_a_file_says_so(tmp_path, run_cli):
+    """`fleet revoke d1` in a fleet whose `keys:` named a file said no key was registered in afile/devices.json: check
+    the device name (since it no longer made a keys folder to say so; before, a FileExistsError traceback)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "fleet.yaml").write_text("fleet: f\nkeys: afile\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: "
+                                         "edgekit, profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
+    code, out, err = run_cli("fleet", "revoke", "d1", "--fleet", tmp_path / "fleet.yaml")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err == (f"edgekit: error: {tmp_path / 'afile'}: the fleet's keys folder is a file; set `keys:` in the fleet "
+                   "file to its keys folder\n")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_a_store_folder_that_does_not_exist_is_bad_input(tmp_path):
     from edge_kit.errors import InputError
     from edge_kit.sim.store_server import start_store_server

@@ -243,6 +243,75 @@ def test_a_broker_ca_that_is_missing_or_no_certificate_is_one_line(tmp_path, run
         assert json.loads(out)["error"].startswith(error.format(tmp=tmp_path))
 
 
+
+
+def test_a_broker_ca_that_is_a_fifo_is_one_line_from_bench_never_a_wait(tmp_path):
+    """`bench` (or `monitor`) with a fleet file whose broker.tls.ca named a FIFO waited for ever: paho's tls_set had
+    OpenSSL open it, which waits for a writer. Now it is one line naming it, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "ca.pem", 0o600)
+    fleet_file = tmp_path / "plant.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1, tls: {ca: ca.pem}}\n"
+                          "devices: [{name: a, host: h, user: u, profile: rpi4}]\n")
+    code = f"import sys; sys.argv = ['edgekit', 'bench', '--device', 'a', '--fleet', {str(fleet_file)!r}, '--json']; " \
+           "from edge_kit.cli import main; main()"
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"bench with broker.tls.ca {tmp_path / 'ca.pem'} (a FIFO) waited for a writer")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert json.loads(result.stdout)["error"] == (f"broker.tls.ca {tmp_path}/ca.pem: not a regular file; fix the path "
+                                                  "in the fleet file or agent config")
+
+
+@pytest.mark.parametrize("ca", ["fifo", "huge"])
+def test_a_broker_ca_a_deploy_ships_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_path, ca):
+    """A deploy shipping the broker's CA to a device read broker.tls.ca with a plain read: a FIFO held it for ever,
+    waiting for a writer, and a file of gigabytes was read whole. Now such a file is one line naming it."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    from edge_kit.fleet.agent_install import ensure_agent
+
+    path = tmp_path / "ca.pem"
+    if ca == "fifo":
+        os.mkfifo(path, 0o600)
+    else:
+        with open(path, "wb") as f:
+            f.truncate((1 << 20) + 1)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1, tls: {ca: ca.pem}}\n"
+                          "devices: [{name: d1, host: h, user: u, profile: rpi4}]\n")
+    fleet = load_fleet(fleet_file)
+    info = {"restart_pending": False, "code": {"files": None}, "device_pub": None, "has_device_key": False,
+            "operators_sha256": None, "broker_ca_sha256": None}
+    shell = SimpleNamespace(dev=fleet.devices[0], info=info, root="/r", put=lambda *a, **k: None,
+                            run=lambda *a, **k: None, remove=lambda *a, **k: None,
+                            python_facts={"version": [3, 12, 0], "missing": [], "python": "python3"})
+    caught: list[BaseException] = []
+
+    def deploy():
+        try:
+            ensure_agent(shell, fleet)  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001  (asserted below)
+            caught.append(exc)
+
+    worker = threading.Thread(target=deploy, daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # waiting in the FIFO's open: a writer releases it
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"reading broker.tls.ca {path} (a FIFO) waited for a writer")
+    why = "not a regular file" if ca == "fifo" else "over the 1,048,576 bytes such a file may take"
+    assert len(caught) == 1 and isinstance(caught[0], ConfigError), caught
+    assert str(caught[0]) == (f"fleet file, device d1: broker.tls.ca {path}: {why}; set broker.tls.ca in the fleet "
+                              "file to the broker's CA certificate (PEM)")
+
+
 def test_a_keys_folder_that_is_a_file_is_one_line(tmp_path, run_cli):
     """A fleet file whose `keys:` named a file made `edgekit bench` (any command that signs) raise FileExistsError
     from mkdir: a traceback, nothing on stdout with --json."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -172,14 +173,19 @@ def test_signing_a_manifest_holding_nan_is_a_one_line_error(tmp_path, run_cli):
 
 def test_an_artifact_keys_file_that_holds_no_public_key_is_named_with_what_it_is(tmp_path):
     """Before, a binary file (a DER key) ended in a UnicodeDecodeError traceback, and a private key, a folder or
-    a mistyped file name all said only "not an Ed25519 public key", naming neither the file nor the mistake."""
+    a mistyped file name all said only "not an Ed25519 public key", naming neither the file nor the mistake; and a
+    FIFO was "no such file" (or, named without a dot, "not an Ed25519 public key"): it is there, but no regular file."""
     Signer.generate().save(tmp_path / "release.key")
     (tmp_path / "release.der").write_bytes(bytes(range(256)))
     (tmp_path / "keys.d").mkdir()
+    os.mkfifo(tmp_path / "release.pub")
+    os.mkfifo(tmp_path / "releasekey")
     for entry, why in (("release.key", r"release.key is a private key; list its public half"),
                        ("release.der", r"release.der: not an Ed25519 public key"),
                        ("keys.d", r"keys.d: a folder; give a file holding an Ed25519 public key"),
-                       ("relase.pub", r"relase.pub: no such file")):
+                       ("relase.pub", r"relase.pub: no such file"),
+                       ("release.pub", r"release.pub: not a regular file; give a file holding an Ed25519 public key"),
+                       ("releasekey", r"releasekey: not a regular file; give a file holding an Ed25519 public key")):
         with pytest.raises(ConfigError, match=r"fleet.yaml: artifact_keys\[0\]: .*" + why):
             load_fleet(fleet_file(tmp_path, [entry])).artifact_trust()
 
