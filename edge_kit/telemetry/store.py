@@ -63,8 +63,8 @@ SEQ_KINDS = tuple(k for k in KINDS if k != "status")
 #: last_missing)`` (the gap a late record falls in: :meth:`HistoryStore.take_out_of_gaps`); the tables a version 5
 #: edge-kit writes are as they were, so one still running reads and writes the history as before. 7: an index on
 #: ``status (device, seq)`` (a last will's connection's model, read from the device's highest-numbered statuses:
-#: :meth:`HistoryStore.latest_status`); no table changed. 8: an index on ``bench (device, variant, ts, seq)``
-#: (each device's newest records of a reference variant: :meth:`HistoryStore.reference_accuracies`), its variant as its
+#: :meth:`HistoryStore.latest_status`, which reads by receive time since); no table changed. 8: an index on
+#: ``bench (device, variant, ts, seq)`` (each device's newest records of a reference variant: :meth:`HistoryStore.reference_accuracies`), its variant as its
 #: MD5 on PostgreSQL (:attr:`HistoryStore.VARIANT_KEY`); no table changed.
 SCHEMA_VERSION = 8
 #: How long (seconds, by the database's clock) a worker's hold of the gap scan (:meth:`HistoryStore.take_scan_lease`)
@@ -1306,48 +1306,39 @@ class HistoryStore(abc.ABC):
         """Return the newest status message per device (by receive time). When that is an ``offline`` one, its
         ``current`` is the one of the newest status (by ``seq``) of the same agent ``connection``: a last will
         the broker published was signed when the agent connected, and names the model of that moment, not one
-        it switched to since (looked for among the device's 100 highest-numbered statuses after it of its numbering, its
-        ``epoch`` when it says one: a re-imaged device numbers from 1 again). One query, and two
-        more per 200 devices whose newest status is such a will; each device's newest found through the ``(device,
-        ts)`` index (:meth:`_latest`), and only those devices' 100 highest-numbered statuses after it read for their
-        connection's model, through the ``(device, seq)`` index (schema version 7): never all of a device's statuses.
+        it switched to since (looked for among the device's statuses numbered after the will's, of its numbering, its
+        ``epoch`` when it says one: a re-imaged device numbers from 1 again).
+
+        Those are looked for among the device's 100 newest statuses by receive time (at or before the will's: it is the
+        newest), not by number: a will is published once its connection ended, so that connection's statuses were
+        received before it, and only a status of another connection (the next one's, when it took the session over)
+        or one a ``--share`` peer stamped a little out of order (receive times are by the database's clock there, one
+        device's may interleave: hence the newest by ``seq`` of those read) comes between; an agent sends a status at
+        connect, at a switch and at a clean stop, so 100 is many reconnects, as for :meth:`last_known_models`. Read by
+        number, down ``status (device, seq)``, a re-imaged device's walk passed every status of its older numbering
+        above the will's. One query, and one more per 200 devices whose newest status is such a will; each read
+        through the ``(device, ts)`` index (:meth:`_latest`, :meth:`_newest_join`): never all of a device's statuses.
         Raises HistoryError."""
         newest = self._latest("status")
         wills = {device: msg for device, msg in newest.items()
                  if msg.get("state") == "offline" and isinstance(msg.get("connection"), str)
                  and isinstance(msg.get("seq"), int)}  # not online (its own word, fresh), and says its connection
-        if not wills:
-            return newest
-        # each will's device's statuses numbered after it (its newest by receive time, then seq: as _latest picks
-        # it), the highest 100 each: only those devices' statuses are read
-        rows: list[tuple] = []
         names = sorted(wills)
-        # the 100th highest number after each will's (fewer: the lowest after it; none: NULL, no rows), through status
-        # (device, seq); then the rows from it up, each device's bound a literal range the planner searches the index
-        # by (a bound joined from a subquery was read as unknown: PostgreSQL read the whole table for one device). No
-        # arithmetic on the will's number: the will's plus one was out of PostgreSQL's BIGINT range at 2**63 - 1
-        # Of the will's numbering only, when it says one (a re-imaged device numbers from 1 again: its older
-        # numbering's higher numbers are no statuses after the will, and 100 of them hid the connection's)
-        after = (f"FROM status x WHERE x.device = w.device AND x.seq > w.seq AND (w.epoch IS NULL OR "
-                 f"{self.EPOCH_SQL.format(row='x')} = w.epoch) ORDER BY x.seq")
-        low = f"COALESCE((SELECT x.seq {after} DESC LIMIT 1 OFFSET 99), (SELECT x.seq {after} LIMIT 1))"
-        mine = f"(s.device = ? AND s.seq >= ? AND (CAST(? AS TEXT) IS NULL OR {self.EPOCH_SQL.format(row='s')} = ?))"
+        later: dict[str, dict[str, Any]] = {}
         for i in range(0, len(names), 200):
             part = names[i:i + 200]
-            values = ", ".join(["(?, CAST(? AS BIGINT), CAST(? AS TEXT))"] * len(part))
-            bounds = self._rows(f"WITH w(device, seq, epoch) AS (VALUES {values}) SELECT w.device, {low}, w.epoch FROM w",
-                                tuple(v for d in part for v in (d, wills[d]["seq"], message_epoch(wills[d]))))
-            rows += self._rows("SELECT body FROM (SELECT s.body, s.seq, ROW_NUMBER() OVER (PARTITION BY s.device ORDER BY "
-                               f"s.seq DESC) AS n FROM status s WHERE {' OR '.join([mine] * len(bounds))}) "
-                               "AS later WHERE n <= 100 ORDER BY seq DESC",
-                               tuple(v for d, low_seq, epoch in bounds for v in (d, low_seq, epoch, epoch)))
-        found: set[str] = set()
-        for m in (json.loads(b) for (b,) in rows):  # highest seq first: the first of the will's connection wins
-            device = m.get("device")
-            will = wills.get(device)
-            if will is not None and device not in found and m.get("connection") == will["connection"]:
-                newest[device] = {**will, "current": m.get("current")}
-                found.add(device)
+            for device, body in self._rows(
+                    f"WITH b(device) AS (VALUES {', '.join(['(?)'] * len(part))}) SELECT device, body FROM (SELECT "
+                    "t.device, t.body, ROW_NUMBER() OVER (PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n "
+                    f"FROM b {self._newest_join('status', '{0}.device = b.device', 100)}) AS ranked WHERE n <= 100",
+                    tuple(part)):
+                m, will = json.loads(body), wills[device]
+                seq, epoch, best = m.get("seq"), message_epoch(will), later.get(device)
+                if (isinstance(seq, int) and seq > will["seq"] and (epoch is None or m.get("epoch") == epoch)
+                        and m.get("connection") == will["connection"] and (best is None or seq > best["seq"])):
+                    later[device] = m  # the connection's highest-numbered so far
+        for device, m in later.items():
+            newest[device] = {**wills[device], "current": m.get("current")}
         return newest
 
     def last_known_models(self, devices: Iterable[str] | None = None, scan: int = 100) -> dict[str, dict[str, Any]]:
