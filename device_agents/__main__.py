@@ -28,7 +28,12 @@ from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
 from device_agents.store import ModelStore, default_root
 from edgekit_protocol.config import INFERENCE_TIMEOUT_FACTOR, BenchSettings, PowerConfig
-from edgekit_protocol.errors import EdgeKitError, leave_on_closed_stdout
+from edgekit_protocol.errors import (
+    EdgeKitError,
+    StdoutFailed,
+    leave_on_closed_stdout,
+    watched_stdout,
+)
 
 
 def _print_table(model: Path, record: dict) -> None:
@@ -42,7 +47,9 @@ def _print_table(model: Path, record: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `edgekit-agent` console script: an error edge-kit raises on purpose is one line and its
-    ``exit_code``; output whose reader has gone (``| head -1``) ends it quietly with exit 141."""
+    ``exit_code``; output whose reader has gone (``| head -1``) ends it quietly with exit 141; output that cannot be
+    written (``> /dev/full``, standard output closed: ``>&-``) is one line and exit 1
+    (:func:`edgekit_protocol.errors.watched_stdout`)."""
     parser = argparse.ArgumentParser(prog="edgekit-agent", description="edge-kit on-device agent")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="benchmark a model (.tflite or .onnx) once and print the result")
@@ -103,24 +110,28 @@ def main(argv: list[str] | None = None) -> None:
     for p in (i, a, *[sub.choices[n] for n in ("rollback", "state")]):
         p.add_argument("--root", type=Path, default=None, help=root_help)
         p.add_argument("--json", action="store_true", help="the result is JSON already; an error is JSON on stdout too")
-    args = parser.parse_args(argv)
-    try:
+    with watched_stdout("edgekit-agent"):  # output that cannot be written (> /dev/full, >&-): one line, exit 1
         try:
-            _dispatch(args)
-        except EdgeKitError as exc:
-            sys.stderr.write(f"edgekit-agent: error: {exc}\n")  # first: seen even when stdout's reader has gone
-            if getattr(args, "json", False):  # as `edgekit --json`: one document on stdout, the line on stderr
-                try:
-                    print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2), flush=True)
-                except BrokenPipeError:  # its reader has gone: the failure's exit code (as without --json), not 141
-                    leave_on_closed_stdout(code=exc.exit_code)
-                    raise
-            sys.exit(exc.exit_code)
-        finally:
-            sys.stdout.flush()  # here, not at exit: a reader gone (`| head -1`) is then caught below
-    except BrokenPipeError:
-        leave_on_closed_stdout()  # exit 141, quietly, as git and ls do; any other broken pipe is a bug: shown
-        raise
+            try:
+                args = parser.parse_args(argv)  # in here: `--help > /dev/full` is said too (it exited 0)
+                _dispatch(args)
+            except EdgeKitError as exc:
+                sys.stderr.write(f"edgekit-agent: error: {exc}\n")  # first: seen even when stdout's reader has gone
+                if getattr(args, "json", False):  # as `edgekit --json`: one document on stdout, the line on stderr
+                    try:
+                        print(json.dumps({"error": str(exc), "exit_code": exc.exit_code}, indent=2), flush=True)
+                    except BrokenPipeError:  # its reader has gone: the failure's exit code (as without --json), not 141
+                        leave_on_closed_stdout(code=exc.exit_code)
+                        raise
+                    except StdoutFailed as failed:  # cannot be written: the line above said it all; its exit code
+                        failed.said = exc.exit_code
+                        raise
+                sys.exit(exc.exit_code)
+            finally:
+                sys.stdout.flush()  # here, not at exit: a reader gone (`| head -1`) is then caught below
+        except BrokenPipeError:
+            leave_on_closed_stdout()  # exit 141, quietly, as git and ls do; any other broken pipe is a bug: shown
+            raise
 
 
 def _dispatch(args: argparse.Namespace) -> None:

@@ -11,10 +11,14 @@ The host adds its own branches (``edge_kit.errors``); the agent its own (``devic
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, NoReturn
 
 STDOUT_CLOSED = 141  # what a shell reports for a process ended by SIGPIPE (128 + 13), as `git log | head -1` does
+STDOUT_FAILED = 1  # the exit code when standard output cannot be written (a full disk), its reader not gone
 
 
 def stdout_closed(fd: int | None = None) -> bool:
@@ -52,6 +56,86 @@ def leave_on_closed_stdout(fd: int | None = None, code: int = STDOUT_CLOSED) -> 
     except (AttributeError, OSError, ValueError):
         pass
     sys.exit(code)
+
+
+class StdoutFailed(Exception):
+    """A write to standard output failed, other than for its reader gone (``ENOSPC`` writing to /dev/full or a full
+    disk, ``EIO``); its text is the error's. Not an OSError: a command's ``except OSError`` for its own files would
+    name one of them (and argparse's help ignores an OSError). ``said``: set by a CLI that said an error on stderr
+    before the JSON document of that error failed to be written: the exit code of that error."""
+
+    said: int | None = None
+
+
+class _WatchedStdout:
+    """Standard output (``stream``), whose failed writes and flushes raise :class:`StdoutFailed`; a reader gone still
+    raises BrokenPipeError (each CLI exits 141 for it: :func:`leave_on_closed_stdout`). Everything else is the
+    stream's."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        """Return what the stream's ``write`` returns. Raises as :meth:`_call`."""
+        return self._call(self._stream.write, text)
+
+    def flush(self) -> None:
+        """Flush the stream; returns nothing. Raises as :meth:`_call`."""
+        self._call(self._stream.flush)
+
+    @staticmethod
+    def _call(method: Any, *args: Any) -> Any:
+        """Return ``method(*args)``. Raises BrokenPipeError as it does, StdoutFailed for another OSError."""
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StdoutFailed(exc.strerror or str(exc)) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _stdout_failed(prog: str, why: str | None, stream: Any, code: int) -> NoReturn:
+    """Say in one line on stderr, as ``prog``, that standard output could not be written (``why``; None: say nothing,
+    an error was said), point its file descriptor (of ``stream``, when it has one) at ``os.devnull`` so that what is
+    still buffered does not fail again at exit, and exit with ``code``. Raises SystemExit, always."""
+    if why is not None:
+        sys.stderr.write(f"{prog}: error: cannot write to standard output ({why}); its output is missing or cut "
+                         "short: send it to a file or pipe that can take it\n")
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # closed (>&-), or a stream without a descriptor
+        pass
+    sys.exit(code)
+
+
+@contextmanager
+def watched_stdout(prog: str) -> Iterator[None]:
+    """Run the body (a CLI's whole run, ``prog`` its name) with ``sys.stdout`` watched: output that cannot be written
+    (``> /dev/full``, a full disk) or standard output closed (``>&-``: refused at once, before the body) is one line on
+    stderr, ``PROG: error: cannot write to standard output (WHY); ...``, and an exit code, never a traceback. The body
+    flushes ``sys.stdout`` itself before it ends, where it handles a reader gone (BrokenPipeError passes through).
+
+    Raises:
+        SystemExit: standard output is closed or a write to it failed (:class:`StdoutFailed`): with the code of the
+            error said before whose document failed (``said``, no second line), else the failing code of the exit
+            the write failed during (a command's own exit 4 is kept), else :data:`STDOUT_FAILED`.
+    """
+    if sys.stdout is None:  # started with it closed (`>&-`): Python gives None
+        _stdout_failed(prog, os.strerror(errno.EBADF), None, STDOUT_FAILED)
+    real, sys.stdout = sys.stdout, _WatchedStdout(sys.stdout)  # type: ignore[assignment]
+    try:
+        yield
+    except StdoutFailed as exc:
+        during = exc.__context__.code if isinstance(exc.__context__, SystemExit) else None
+        code = exc.said or (during if isinstance(during, int) and during else STDOUT_FAILED)
+        _stdout_failed(prog, None if exc.said else str(exc), real, code)
+    finally:
+        sys.stdout = real
 
 
 class EdgeKitError(Exception):

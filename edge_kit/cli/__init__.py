@@ -8,7 +8,6 @@ bug. Without the ``host`` extra the command says in one line what to install.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ def fail(message: str, exit_code: int, as_json: bool) -> NoReturn:
 
     ``message`` must already be printable (no terminal controls). Raises SystemExit, always.
     """
-    from edgekit_protocol.errors import leave_on_closed_stdout
+    from edgekit_protocol.errors import StdoutFailed, leave_on_closed_stdout
 
     sys.stderr.write(f"edgekit: error: {message}\n")  # first: seen even when stdout's reader has gone (`| head`)
     if as_json:
@@ -43,7 +42,7 @@ def fail(message: str, exit_code: int, as_json: bool) -> NoReturn:
         except BrokenPipeError:  # its reader has gone (`--json | head -c 10`): the failure's exit code, not 141
             leave_on_closed_stdout(code=exit_code)
             raise
-        except _StdoutFailed as exc:  # cannot be written (a full disk): the line above said it all; its exit code
+        except StdoutFailed as exc:  # cannot be written (a full disk): the line above said it all; its exit code
             exc.said = exit_code
             raise
     raise _Decided(exit_code)
@@ -54,95 +53,37 @@ class _Decided(SystemExit):
     reader has gone, where the exit 1 rich and typer answer an ``EPIPE`` with becomes exit 141."""
 
 
-STDOUT_FAILED = 1  # the exit code when standard output cannot be written (a full disk), its reader not gone
-
-
-class _StdoutFailed(Exception):
-    """A write to standard output failed, other than for its reader gone (``ENOSPC`` writing to /dev/full or a full
-    disk, ``EIO``); its text is the error's. Not an OSError: a command's ``except OSError`` for its own files would
-    name one of them. ``said``: the exit code of the error :func:`fail` said on stderr before, whose JSON failed."""
-
-    said: int | None = None
-
-
-class _WatchedStdout:
-    """Standard output (``stream``), whose failed writes and flushes raise :class:`_StdoutFailed`; a reader gone still
-    raises BrokenPipeError (:func:`main` exits 141 for it). Everything else is the stream's."""
-
-    def __init__(self, stream: Any):
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        """Return what the stream's ``write`` returns. Raises as :meth:`_call`."""
-        return self._call(self._stream.write, text)
-
-    def flush(self) -> None:
-        """Flush the stream; returns nothing. Raises as :meth:`_call`."""
-        self._call(self._stream.flush)
-
-    @staticmethod
-    def _call(method: Any, *args: Any) -> Any:
-        """Return ``method(*args)``. Raises BrokenPipeError as it does, _StdoutFailed for another OSError."""
-        try:
-            return method(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise _StdoutFailed(exc.strerror or str(exc)) from None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-def _stdout_failed(why: str | None, stream: Any, code: int = STDOUT_FAILED) -> NoReturn:
-    """Say in one line on stderr that standard output could not be written (``why``; None: say nothing, an error was
-    said), point its file descriptor (of ``stream``, when it has one) at ``os.devnull`` so that what is still buffered
-    does not fail again at exit, and exit with ``code``. Raises SystemExit, always."""
-    if why is not None:
-        sys.stderr.write(f"edgekit: error: cannot write to standard output ({why}); its output is missing or cut "
-                         "short: send it to a file or pipe that can take it\n")
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-    except (AttributeError, OSError, ValueError):  # closed (>&-), or a stream without a descriptor
-        pass
-    raise _Decided(code)
-
-
 def main() -> None:
     """Console-script entry point: run the app, map toolkit errors, usage errors and Ctrl-C to one line and
     an exit code (2 for usage and bad input, 130 for Ctrl-C, else the error's ``exit_code``); output whose reader has
     gone (``| head -1``) ends it quietly with exit 141, as git and ls do; output that cannot be written (a full disk,
-    standard output closed: ``>&-``) is one line on stderr and exit :data:`STDOUT_FAILED`."""
-    from edgekit_protocol.errors import STDOUT_CLOSED, leave_on_closed_stdout
+    standard output closed: ``>&-``) is one line on stderr and exit 1
+    (:func:`edgekit_protocol.errors.watched_stdout`)."""
+    from edgekit_protocol.errors import (
+        STDOUT_CLOSED,
+        leave_on_closed_stdout,
+        watched_stdout,
+    )
 
-    if sys.stdout is None:  # started with it closed (`>&-`): Python gives None
-        _stdout_failed(os.strerror(errno.EBADF), None)
-    try:  # rich points fd 1 at /dev/null when its reader has gone: this duplicate still tells
-        stdout: int | None = os.dup(sys.__stdout__.fileno())
-    except (AttributeError, OSError, ValueError):
-        stdout = None
-    real, sys.stdout = sys.stdout, _WatchedStdout(sys.stdout)  # type: ignore[assignment]
-    try:
+    with watched_stdout("edgekit"):
+        try:  # rich points fd 1 at /dev/null when its reader has gone: this duplicate still tells
+            stdout: int | None = os.dup(sys.__stdout__.fileno())
+        except (AttributeError, OSError, ValueError):
+            stdout = None
         try:
-            _main()
-        finally:
-            sys.stdout.flush()  # here, not at exit: a reader gone is then caught below
-    except _StdoutFailed as exc:  # a command's own failing exit code (exit 4, ...) is kept
-        decided = exc.__context__.code if isinstance(exc.__context__, _Decided) and exc.__context__.code else None
-        _stdout_failed(None if exc.said else str(exc), real, exc.said or decided or STDOUT_FAILED)  # type: ignore[arg-type]
-    except BrokenPipeError as exc:
-        # a write cut short: exit 141; the flush after a failure's exit code (the error said on stderr): that code
-        decided = exc.__context__ if isinstance(exc.__context__, _Decided) and exc.__context__.code else None
-        leave_on_closed_stdout(stdout, decided.code if decided else STDOUT_CLOSED)  # type: ignore[arg-type]
-        raise  # any other broken pipe (a socket) is a bug: shown
-    except SystemExit as exc:
-        if exc.code == 1 and not isinstance(exc, _Decided):  # rich's and typer's own answer to EPIPE in a command
-            leave_on_closed_stdout(stdout)  # (exit 1): the same exit 141 as ours; a command's own exit 1 is kept
-        raise
-    finally:
-        sys.stdout = real
+            try:
+                _main()
+            finally:
+                sys.stdout.flush()  # here, not at exit: a reader gone is then caught below
+        except BrokenPipeError as exc:
+            # a write cut short: exit 141; the flush after a failure's exit code (the error said on stderr): that code
+            decided = exc.__context__ if isinstance(exc.__context__, _Decided) and exc.__context__.code else None
+            leave_on_closed_stdout(stdout, decided.code if decided else STDOUT_CLOSED)  # type: ignore[arg-type]
+            raise  # any other broken pipe (a socket) is a bug: shown
+        except SystemExit as exc:
+            if exc.code == 1 and not isinstance(exc, _Decided):  # rich's and typer's own answer to EPIPE in a command
+                leave_on_closed_stdout(stdout)  # (exit 1): the same exit 141 as ours; a command's own exit 1 is kept
+            raise
 
 
 def _main() -> None:
