@@ -18,11 +18,11 @@ import os
 import re
 import shutil
 import sqlite3
-import stat
 from pathlib import Path
 from typing import Any
 
 from device_agents.errors import DiskFull
+from edgekit_protocol.files import read_head, within_limit
 from edgekit_protocol.messages import strict_loads
 
 log = logging.getLogger("edgekit.agent")
@@ -224,37 +224,6 @@ def fsync_dir(folder: Path) -> None:
 
 
 SMALL_FILE = 64 * 1024  # what the agent's own small JSON files (desired state, keys list, records) may take
-
-
-def read_head(path: Path, limit: int) -> bytes:
-    """Return the bytes of ``path``, read no further than ``limit`` + 1: enough for :func:`within_limit` to tell a
-    file over ``limit``, and a file the agent keeps under its root (damaged, edited by hand, grown to gigabytes) is
-    never read whole. :func:`read_bounded` checks the size at once; a reader whose rule checks it with the rest of the
-    file's contract (a model's ``meta.json``: :func:`device_agents.store.read_meta`) takes these bytes.
-
-    Raises:
-        OSError: it cannot be read (FileNotFoundError: there is none), or it is no regular file: a FIFO (opened without
-            waiting for a writer, never read: open() waited for one, holding the agent) or a device such as /dev/zero
-            (which would never end), errno EINVAL.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return f.read(limit + 1)
-
-
-def within_limit(data: bytes, limit: int, name: str) -> bytes:
-    """Return ``data`` when it holds at most ``limit`` bytes: the one size check of the agent's own files, whether
-    read here (:func:`read_head`) or on a device by the deploy's probe, which reads as much.
-
-    Raises:
-        ValueError: it holds more (``limit`` + 1 bytes: all that is read of a larger file); the text names ``name``
-            and the limit.
-    """
-    if len(data) > limit:
-        raise ValueError(f"{name}: over the {limit:,} bytes such a file may take")
-    return data
 
 
 def read_bounded(path: Path, limit: int) -> bytes:

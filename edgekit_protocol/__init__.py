@@ -9,7 +9,9 @@ the agent, nothing of the host. What lives here:
 - :mod:`~edgekit_protocol.config`: the agent's config model (``agent.yaml``) and the broker settings;
 - :mod:`~edgekit_protocol.datafile`: the ``.npz`` data-file format, read without numpy;
 - :mod:`~edgekit_protocol.labels`: the one spelling of every label a record carries;
-- :mod:`~edgekit_protocol.errors`: the root of edge-kit's one exception tree.
+- :mod:`~edgekit_protocol.errors`: the root of edge-kit's one exception tree, and how a CLI leaves when standard
+  output cannot be written;
+- :mod:`~edgekit_protocol.files`: reading a file a config names without waiting on a FIFO there.
 """
 
 __version__ = "0.1.0"  # the one version number of edge-kit (pyproject reads it from here)

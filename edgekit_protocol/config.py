@@ -34,6 +34,7 @@ from typing import Any
 
 from edgekit_protocol.commands import bounds
 from edgekit_protocol.errors import ConfigError
+from edgekit_protocol.files import read_head, within_limit
 from edgekit_protocol.messages import MAX_TELEMETRY_INTERVAL_S, check_name
 
 # Pydantic (on the host) honours this on stdlib dataclasses used as fields: unknown keys are errors.
@@ -61,6 +62,9 @@ class TlsConfig:
     ca: Path | None = None  # CA bundle to verify the broker; None: the system's
     cert: Path | None = None  # client certificate (mutual TLS)
     key: Path | None = None
+
+
+MAX_PASSWORD_BYTES = 65535  # of broker.password_file: the most an MQTT CONNECT's password field holds
 
 
 @dataclass(frozen=True)
@@ -93,15 +97,22 @@ class BrokerConfig:
         ``where`` names the config the settings came from, for the message.
 
         Raises:
-            ConfigError: the file cannot be read.
+            ConfigError: the file cannot be read, is no regular file (a FIFO: never waited on), holds more than
+                :data:`MAX_PASSWORD_BYTES` or is not UTF-8 text.
         """
         if self.password_file is None:
             return None
-        try:
-            return Path(self.password_file).expanduser().read_text().strip()
+        prefix = f"{where}: " if where else ""
+        name = f"{prefix}broker.password_file {self.password_file}"
+        try:  # a regular file only: a plain read of a FIFO waited for a writer, holding the agent, bench or monitor
+            return within_limit(read_head(Path(self.password_file).expanduser(), MAX_PASSWORD_BYTES),
+                                MAX_PASSWORD_BYTES, name).decode().strip()
         except OSError as exc:
-            prefix = f"{where}: " if where else ""
-            raise ConfigError(f"{prefix}broker.password_file {self.password_file}: {exc.strerror}") from None
+            raise ConfigError(f"{name}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{name}: not UTF-8 text; give a file holding the password alone") from None
+        except ValueError as exc:  # over the limit: the text names the file
+            raise ConfigError(str(exc)) from None
 
 
 INFERENCE_TIMEOUT_FACTOR = 20  # a benchmark's inference may last this many times its first (if over inference_timeout_s)

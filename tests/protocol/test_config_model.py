@@ -51,3 +51,35 @@ def test_one_password_file_rule(tmp_path):
     assert BrokerConfig().password() is None
     with pytest.raises(ConfigError, match="fleet.yaml: broker.password_file .*/missing: No such file"):
         BrokerConfig(password_file=tmp_path / "missing").password("fleet.yaml")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_a_password_file_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_path, kind):
+    """broker.password_file was read with a plain read_text: a FIFO there held whoever loaded the config (the agent,
+    bench, monitor) waiting for a writer for ever, and a file of gigabytes was read whole. Now one line naming it."""
+    import os
+    import threading
+
+    path = tmp_path / "pw"
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)
+    else:
+        with open(path, "wb") as f:
+            f.truncate(65536)
+    caught: list[BaseException] = []
+
+    def load():
+        try:
+            BrokerConfig(password_file=path).password("agent.yaml")
+        except BaseException as exc:  # noqa: BLE001  (asserted below)
+            caught.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():  # waiting in the FIFO's open: a writer releases it
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"reading broker.password_file {path} (a FIFO) waited for a writer")
+    why = "not a regular file" if kind == "fifo" else "over the 65,535 bytes such a file may take"
+    assert len(caught) == 1 and isinstance(caught[0], ConfigError), caught
+    assert str(caught[0]) == f"agent.yaml: broker.password_file {path}: {why}"
