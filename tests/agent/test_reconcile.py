@@ -156,6 +156,30 @@ def test_a_failure_keeps_the_model_backs_off_and_gives_up_after_max_attempts(rig
     assert run(rec)["state"] == "converged" and store.cur == B
 
 
+def test_a_pull_ca_file_that_is_a_fifo_is_a_failed_try_naming_it_never_a_wait(rig, tmp_path):
+    """pull.ca_file went to ssl.create_default_context as it was: OpenSSL's open of a FIFO waited for a writer, so the
+    download's thread never ended and the device never reconciled again. Now the try fails with one line naming it."""
+    import os
+
+    make, store, clock, reports, fetched, activated, _ = rig
+    ca = tmp_path / "store-ca.pem"
+    os.mkfifo(ca, 0o600)
+    rec = make()
+    rec.settings = PullConfig(retry_s=10, max_attempts=3, ca_file=ca)
+    rec.take(desired(1))
+    assert rec.step()["state"] == "fetching"
+    deadline = time.monotonic() + 30
+    while not rec.due() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not rec.due():  # waiting in the FIFO's open: a writer releases it
+        os.close(os.open(ca, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"loading pull.ca_file {ca} (a FIFO) waited for a writer")
+    out = rec.step()
+    assert out["state"] == "failed" and fetched == [] and store.cur is None, out
+    assert out["error"] == (f"pull.ca_file {ca}: not a regular file; point pull.ca_file (fleet file or agent.yaml) at "
+                            "the store's CA bundle (PEM) on the device")
+
+
 def test_a_slow_download_holds_nothing_and_a_newer_desired_state_cancels_it(rig):
     make, store, clock, reports, fetched, activated, fail = rig
     rec = make()
