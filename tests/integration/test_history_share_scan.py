@@ -6,6 +6,7 @@ start reads a bounded number of rows whatever the history's size; so do the newe
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 
@@ -930,3 +931,45 @@ def test_a_re_imaged_devices_last_will_costs_a_bounded_read_whatever_its_older_n
                       _epoch_status(1, "e2", "c2", state="offline")], received=[now - 20, now - 10, now])
     grow(100)
     _stays_flat(history, work, lambda: grow(4_900))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_reference_accuracies_since_a_look_are_the_newest_received_after_it(history, seed):
+    """A --share worker's look (``since``) reads each device and variant's ``scan`` newest records received after its
+    device's time, through the same bounded read as a monitor's start. On random histories (receive times shared by
+    several records, records without a receive time or a ``seq``, looks before, between and after the records, a
+    device missing from ``since``: none of its records), every answer is the one a plain Python ranking of the rows
+    finds, on both databases."""
+    rng = random.Random(seed)
+    variants = ("fp32", "onnx-fp32", "int8")
+    devices = rng.sample(ODD_DEVICES, rng.randint(1, len(ODD_DEVICES)))
+    stored = []
+    for device in devices:
+        seqs = rng.sample(range(1, 60), rng.randint(1, 40))
+        if rng.random() < 0.3:
+            seqs[0] = None
+        for n, seq in enumerate(seqs):
+            variant = rng.choice(variants)
+            ts = None if rng.random() < 0.1 else rng.choice((1.0, 2.0, 3.0, 1.0 + n))
+            body = {"device": device, "seq": seq, "variant": variant, "model": rng.choice(("m1", "m2", None)),
+                    "accuracy": {"value": rng.choice((None, 0, 0.25, 0.5, 0.75, "x"))}}
+            stored.append((f"{device}/{n}", device, ts, seq, variant, "s", 1.0, json.dumps(body)))
+    history._write_batch([("INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)", stored)])
+    asked = rng.sample(devices + ["nobody"], rng.randint(1, len(devices) + 1))
+    wanted = tuple(rng.sample(variants, rng.randint(1, len(variants))))
+    since = {d: rng.choice((-1.0, 0.5, 1.0, 2.5, 3.0, 20.0, 1e9)) for d in asked if rng.random() < 0.8}
+    unnumbered = -math.inf if hasattr(history, "_db") else math.inf  # where each database sorts a NULL seq
+
+    for scan in (1, 2, 5, 32):
+        expected: dict = {}
+        for device in asked:
+            for variant in wanted:
+                mine = [r for r in stored if r[1] == device and r[4] == variant and r[2] is not None
+                        and r[2] > since.get(device, math.inf)]
+                mine.sort(key=lambda r: (r[2], unnumbered if r[3] is None else r[3]), reverse=True)
+                for r in mine[:scan]:
+                    m = json.loads(r[7])
+                    value = m["accuracy"]["value"]
+                    if isinstance(value, float) and value > 0:
+                        expected.setdefault((device, m["model"], variant), value)
+        assert history.reference_accuracies(asked, wanted, scan, since=since) == expected, (scan, since)
