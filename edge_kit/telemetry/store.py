@@ -88,8 +88,8 @@ REFERENCE_SCAN = 32
 #: inside it is taken as late and taken out of it (:meth:`HistoryStore.take_out_of_gaps`): a record arriving past the
 #: grace (a stalled worker, a persistent session handed back after a crash) comes within minutes or hours; a number
 #: inside an older gap is a device's numbering started again (re-imaged), not the record that gap missed. A record of
-#: an agent that numbers in epochs is matched by its numbering instead, however late (a gap recorded since the restart
-#: into its epoch, or any of its device's first epoch, before the next restart).
+#: an agent that numbers in epochs is matched by its numbering instead, however late (a gap recorded since its epoch's
+#: first message was received, before the next restart).
 LATE_S = 86400.0
 #: The kinds of alert the ``alerts`` table keeps: every alert the monitor raises about a device, each over an episode
 #: (raised once, cleared when it ends).
@@ -826,8 +826,9 @@ class HistoryStore(abc.ABC):
         numbering the record carries, None for none) out of the sequence gap recorded around it in the same numbering,
         if any: the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both
         stored and lost. Which gap is the one the record missed: for a record of an epoch that was a restart
-        (``seq_epochs``), one recorded since that restart; for one of the device's first epoch, any, however old (a
-        re-image would have named a new epoch); for one of no epoch, one recorded within :data:`LATE_S` before ``now``
+        (``seq_epochs``), one recorded since that restart; for one of the device's first epoch, one recorded since that
+        epoch's first message was received, however old (a gap before it is of the numbering before, of no epoch: a
+        device re-imaged from an agent without epochs numbers from 1 again in its first); for one of no epoch, one recorded within :data:`LATE_S` before ``now``
         (by the clock the gaps were recorded by, :meth:`add_gap`; default this host's now): an agent without epochs
         cannot say its numbering started again, so a number inside an older gap is taken as a re-imaged device's, and
         that gap stays; and in all cases one recorded before the
@@ -886,8 +887,8 @@ class HistoryStore(abc.ABC):
     def _gaps_around(self, records: list[tuple[str, str, int, str | None]],
                      since: float) -> dict[tuple[str, str, int, int, float], set[int]]:
         """Return the gaps ``(device, kind, first, last, ts)`` holding any of ``records`` (``(device, kind, seq,
-        epoch)``) in its numbering (:meth:`take_out_of_gaps`: recorded since the restart into the record's epoch, any
-        for a record of the device's first epoch, or at or after ``since``, unix seconds, for a record of no epoch;
+        epoch)``) in its numbering (:meth:`take_out_of_gaps`: recorded since the record's epoch was first received
+        (a restart, or the device's first epoch), or at or after ``since``, unix seconds, for a record of no epoch;
         before the device's next restart), each with the seqs of them it holds. Raises HistoryError."""
         if not records:
             return {}
@@ -907,9 +908,9 @@ class HistoryStore(abc.ABC):
     def _gaps_around_sql(cls, records: int) -> str:
         """Return :meth:`_gaps_around`' query for ``records`` ``(device, kind, seq, epoch)`` quadruples (then the time
         since, for records of no epoch) as arguments: each record's gaps of its own numbering (recorded since the
-        restart into its epoch, any for the device's first, and before the device's next restart)."""
+        first message of its epoch was received, and before the device's next restart)."""
         values = ", ".join(["(?, ?, ?, CAST(? AS TEXT))"] * records)
-        since = "(CASE WHEN e.previous IS NOT NULL THEN e.ts WHEN e.epoch IS NOT NULL THEN 0 ELSE ? END)"
+        since = "(CASE WHEN e.epoch IS NOT NULL THEN e.ts ELSE ? END)"
         return (f"WITH b(device, kind, seq, epoch) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, "
                 "g.first_missing, g.last_missing, g.ts, b.seq FROM b LEFT JOIN seq_epochs e ON e.device = b.device AND "
                 f"e.epoch = b.epoch {cls.GAPS_AROUND_JOIN.format(since=since)} "

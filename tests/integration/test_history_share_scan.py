@@ -484,7 +484,8 @@ def test_a_record_of_a_new_numbering_never_leaves_a_gap_of_the_old_one(history):
     history.add_epoch("d1", "e1", 1)
     history.add_many([rec(n, "e1") for n in (1, 2, 11)])
     history.add_gap("d1", "telemetry", 3, 10)  # the old numbering lost 3..10
-    history._execute("UPDATE gaps SET ts = ts - 3600")  # an hour ago: within LATE_S
+    for table in ("seq_epochs", "gaps"):  # e1 first received, then its gap recorded, an hour ago: within LATE_S
+        history._execute(f"UPDATE {table} SET ts = ts - 3600")
     assert history.add_epoch("d1", "e2", 1) == (True, "e2")  # re-imaged: a restart
     history.add_many([rec(n, "e2") for n in (1, 2, 5)])
     assert history.take_out_of_gaps([("d1", "telemetry", 5, "e2")]) == 0  # not the old numbering's 5
@@ -525,13 +526,38 @@ def test_a_record_of_a_device_s_first_epoch_leaves_its_gap_however_late(history)
     history.add_epoch("d1", "e1", 1)
     history.add_many([rec(n, "e1") for n in (1, 2, 12)])
     history.add_gap("d1", "telemetry", 3, 11)
-    history._execute("UPDATE gaps SET ts = ts - ?", (3 * LATE_S,))  # recorded three days ago
+    for table in ("seq_epochs", "gaps"):  # e1 first received, then its gap recorded, three days ago
+        history._execute(f"UPDATE {table} SET ts = ts - ?", (3 * LATE_S,))
     history.add_many([rec(5, "e1")])
     assert history.take_out_of_gaps([("d1", "telemetry", 5, "e1")]) == 1
     assert recorded() == [(3, 4), (6, 11)]
     history.add_many([rec(7)])
     assert history.take_out_of_gaps([("d1", "telemetry", 7)]) == 0  # no epoch: a gap older than LATE_S stays
     assert recorded() == [(3, 4), (6, 11)]
+
+
+def test_a_record_of_a_device_s_first_epoch_never_leaves_a_gap_recorded_before_that_epoch_was_first_received(history):
+    """A record of a device's first epoch left any gap of its device, however old: also one recorded before that
+    epoch's first message was received, a gap of the numbering before it (an agent older than epochs, whose late
+    records carry none). A device re-imaged from such an agent to one that numbers in epochs numbers from 1 again, in
+    its first epoch (no restart): its record 5 took a gap of the old numbering's 3..11 out, so the history said the old
+    5 was stored. A first epoch's record now leaves only a gap recorded since its epoch was first received."""
+    def rec(seq, epoch=None):
+        return ("telemetry", messages.envelope("telemetry", "f", "d1", seq, {}, epoch=epoch))
+
+    def recorded():
+        return sorted((g["first_missing"], g["last_missing"]) for g in history.sequence_gaps())
+
+    history.add_many([rec(n) for n in (1, 2, 12)])  # the old agent: no epoch
+    history.add_gap("d1", "telemetry", 3, 11, time.time() - 60)
+    history.add_epoch("d1", "e1", 1, seen=time.time())  # re-imaged: the new agent's first epoch, from 1
+    history.add_many([rec(5, "e1")])
+    assert history.take_out_of_gaps([("d1", "telemetry", 5, "e1")]) == 0
+    assert recorded() == [(3, 11)]
+    history.add_gap("d1", "telemetry", 6, 8, time.time() + 1)  # a gap of e1's numbering: its late record leaves it
+    history.add_many([rec(7, "e1")])
+    assert history.take_out_of_gaps([("d1", "telemetry", 7, "e1")]) == 1
+    assert recorded() == [(3, 11), (6, 6), (8, 8)]
 
 
 def test_a_scan_after_a_restart_reads_its_bound_of_a_stream_and_judges_the_new_numbering_no_further(history):
