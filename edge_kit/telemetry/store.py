@@ -908,7 +908,8 @@ class HistoryStore(abc.ABC):
     def _gaps_around_sql(cls, records: int) -> str:
         """Return :meth:`_gaps_around`' query for ``records`` ``(device, kind, seq, epoch)`` quadruples (then the time
         since, for records of no epoch) as arguments: each record's gaps of its own numbering (recorded since the
-        first message of its epoch was received, and before the device's next restart)."""
+        first message of its epoch was received, and before the device's next epoch by receive time: not the one whose
+        ``previous`` names it, which two workers recording epochs at once may both have set to the same)."""
         values = ", ".join(["(?, ?, ?, CAST(? AS TEXT))"] * records)
         since = "(CASE WHEN e.epoch IS NOT NULL THEN e.ts ELSE ? END)"
         return (f"WITH b(device, kind, seq, epoch) AS (VALUES {values}) SELECT DISTINCT g.device, g.kind, "
@@ -916,7 +917,7 @@ class HistoryStore(abc.ABC):
                 f"e.epoch = b.epoch {cls.GAPS_AROUND_JOIN.format(since=since)} "
                 "WHERE (b.epoch IS NULL OR e.epoch IS NOT NULL OR NOT EXISTS (SELECT 1 FROM seq_epochs o "
                 "WHERE o.device = b.device)) "
-                "AND NOT EXISTS (SELECT 1 FROM seq_epochs n WHERE n.device = b.device AND n.previous = b.epoch "
+                "AND NOT EXISTS (SELECT 1 FROM seq_epochs n WHERE n.device = b.device AND n.ts > e.ts "
                 "AND n.ts <= g.ts)")
 
     def open_alert(self, device: str, kind: str, detail: str, at: float | None = None, subject: str = "") -> bool:

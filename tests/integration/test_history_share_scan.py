@@ -560,6 +560,27 @@ def test_a_record_of_a_device_s_first_epoch_never_leaves_a_gap_recorded_before_t
     assert recorded() == [(3, 11), (6, 6), (8, 8)]
 
 
+def test_a_late_record_of_an_older_numbering_two_workers_recorded_at_once_never_leaves_a_gap_of_the_newer(history):
+    """Two workers recording a device's e2 and e3 at once (re-imaged twice within moments) each read its epochs before
+    the other wrote: both recorded e1 as the one before theirs, and e2 (received first) was no epoch's ``previous``. A
+    record's numbering ended at the restart whose ``previous`` named its epoch, so a late record of e2 was taken out of
+    a gap of e3 (the history said e3's lost number was stored). It now ends at the device's next epoch by receive time."""
+    def rec(seq, epoch):
+        return ("telemetry", messages.envelope("telemetry", "f", "d1", seq, {}, epoch=epoch))
+
+    now = time.time()
+    history.add_epoch("d1", "e1", 1, seen=now - 60)
+    history.add_epoch("d1", "e3", 1, seen=now)
+    # the row the other worker's add_epoch wrote: it read e1 as the newest before this one's e3 was there
+    history._execute("INSERT INTO seq_epochs (device, epoch, previous, ts, first_seq) VALUES (?, ?, ?, ?, ?)",
+                     ("d1", "e2", "e1", now - 1, 1))
+    assert history.device_epochs(["d1"]) == {"d1": "e3"}
+    history.add_gap("d1", "telemetry", 2, 4, now + 1)  # e3 lost 2..4
+    history.add_many([rec(3, "e2")])
+    assert history.take_out_of_gaps([("d1", "telemetry", 3, "e2")]) == 0
+    assert [(g["first_missing"], g["last_missing"]) for g in history.sequence_gaps()] == [(2, 4)]
+
+
 def test_a_scan_after_a_restart_reads_its_bound_of_a_stream_and_judges_the_new_numbering_no_further(history):
     """After a restart the scan follows the new numbering from 0, and the old numbering's rows above that mark fill the
     bound of a stream's read: the new numbering's rows read were fewer than the bound, so the stream was taken as read
