@@ -825,10 +825,10 @@ class HistoryStore(abc.ABC):
         """Take each ``(device, kind, seq)`` or ``(device, kind, seq, epoch)`` of ``records`` (stored; ``epoch`` the
         numbering the record carries, None for none) out of the sequence gap recorded around it in the same numbering,
         if any: the gap shrinks, or splits in two, or goes (its ``ts`` kept), so the history never says a record is both
-        stored and lost. Which gap is the one the record missed: for a record of an epoch that was a restart
-        (``seq_epochs``), one recorded since that restart; for one of the device's first epoch, one recorded since that
-        epoch's first message was received, however old (a gap before it is of the numbering before, of no epoch: a
-        device re-imaged from an agent without epochs numbers from 1 again in its first); for one of no epoch, one recorded within :data:`LATE_S` before ``now``
+        stored and lost. Which gap is the one the record missed: for a record of an epoch (``seq_epochs``: a restart,
+        or the device's first), one recorded since that epoch's first message was received, however old (a gap before
+        a first epoch is of the numbering before it, of no epoch: a device re-imaged from an agent without epochs
+        numbers from 1 again in its first); for one of no epoch, one recorded within :data:`LATE_S` before ``now``
         (by the clock the gaps were recorded by, :meth:`add_gap`; default this host's now): an agent without epochs
         cannot say its numbering started again, so a number inside an older gap is taken as a re-imaged device's, and
         that gap stays; and in all cases one recorded before the

@@ -564,7 +564,8 @@ def test_a_late_record_of_an_older_numbering_two_workers_recorded_at_once_never_
     """Two workers recording a device's e2 and e3 at once (re-imaged twice within moments) each read its epochs before
     the other wrote: both recorded e1 as the one before theirs, and e2 (received first) was no epoch's ``previous``. A
     record's numbering ended at the restart whose ``previous`` named its epoch, so a late record of e2 was taken out of
-    a gap of e3 (the history said e3's lost number was stored). It now ends at the device's next epoch by receive time."""
+    a gap of e3 (the history said e3's lost number was stored). It now ends at the device's next epoch by receive
+    time."""
     def rec(seq, epoch):
         return ("telemetry", messages.envelope("telemetry", "f", "d1", seq, {}, epoch=epoch))
 
