@@ -30,6 +30,8 @@ M = TypeVar("M", bound=BaseModel)
 # libyaml's loader when PyYAML was built with it: ~20x faster than the pure-Python one (a deploy
 # reads each device's profile); same nodes, same line marks.
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# and libyaml's dumper: the same text as the pure-Python one (a deploy writes each device's agent.yaml), 3x faster
+SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 class StrictModel(BaseModel):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -336,10 +337,17 @@ def parse(cls: type, value: Any, where: Path | str, key: str = "") -> Any:
     return _dataclass(cls, value if isinstance(value, Node) else Node.plain(value), where, key)
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Return ``typing.get_type_hints(cls)``, worked out once per class (it evaluates every annotation: most of the
+    time a deploy took to check each device's agent.yaml)."""
+    return typing.get_type_hints(cls)
+
+
 def _dataclass(cls: type, node: Node, file: Path | str, key: str) -> Any:
     if not isinstance(node.value, dict):
         raise ConfigError(f"{_where(file, node.line, key)}: expected a mapping of keys")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values: dict[str, Any] = {}
     for name, value_node in node.value.items():

@@ -43,6 +43,7 @@ from device_agents.identity import (
     key_id,
 )
 from device_agents.unit import render_unit
+from edge_kit.config import SafeDumper
 from edge_kit.errors import ConfigError, DeployError
 from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.inventory import Device, Fleet
@@ -219,7 +220,7 @@ def agent_config(fleet: Fleet, dev: Device) -> tuple[str, bytes | None]:
     plain = to_plain(cfg)
     build(Node.plain(plain), f"agent.yaml for {dev.name}")
     header = f"# written by edgekit deploy for {dev.name}; edits are replaced on the next deploy\n"
-    return header + yaml.safe_dump(plain, sort_keys=False), (password.encode() + b"\n") if password is not None else None
+    return header + yaml.dump(plain, Dumper=SafeDumper, sort_keys=False), (password.encode() + b"\n") if password is not None else None
 
 
 @dataclass

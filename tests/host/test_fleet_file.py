@@ -376,3 +376,21 @@ def test_the_device_names_of_a_large_fleet_are_checked_in_one_pass():
     assert time.process_time() - started < 1.0  # one pass: milliseconds
     with pytest.raises(ValueError, match="listed twice: d7, d9$"):
         Fleet._unique_names([*devices, SimpleNamespace(name="d9"), SimpleNamespace(name="d7")])
+
+
+def test_each_devices_agent_yaml_is_the_text_the_pure_python_dumper_writes(tmp_path):
+    """A deploy compares the sha256 of agent.yaml with the device's copy: libyaml's dumper (3x faster) must write the
+    same bytes as the pure-Python one, or a host with it and one without would each rewrite it and restart agents."""
+    import yaml
+
+    from edge_kit.fleet.agent_install import agent_config
+
+    text = FLEET.replace("defaults: {user: edgekit, profile: rpi4}",
+                         "defaults: {user: edgekit, profile: rpi4, serve: {http_port: 8089}, telemetry_interval_s: 2.5}"
+                         ).replace("{name: pi-2, host: 10.0.0.2, tags: [pi, canary]}",
+                                   "{name: pi-2, host: 10.0.0.2, root: '/srv/edge kit: 2/', pull: {ca_file: /a b.pem}}")
+    fleet = load_fleet(write(tmp_path, "fleet.yaml", text))
+    for dev in fleet.devices:
+        written, _ = agent_config(fleet, dev)
+        header, body = written.split("\n", 1)
+        assert body == yaml.dump(yaml.safe_load(body), Dumper=yaml.SafeDumper, sort_keys=False), dev.name

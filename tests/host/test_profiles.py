@@ -187,3 +187,27 @@ def test_the_design_documents_profile_loads_with_its_targets(tmp_path):
 def test_targets_that_miss_a_variant_repeat_or_are_unknown_are_refused(tmp_path, targets, error):
     with pytest.raises(ConfigError, match=error):
         load_profile(write(tmp_path, DESIGN_EXAMPLE.replace("[tensorrt, onnxruntime, litert]", targets)))
+
+
+def test_a_profile_is_parsed_again_only_when_its_file_changed(tmp_path, monkeypatch):
+    """A deploy asks for each device's profile four times: it was parsed and validated each time (60 ms of a 16-device
+    redeploy). An edited file is read again; what a caller changes in its copy is not what the next caller gets."""
+    import os
+
+    import edge_kit.profiles as profiles
+
+    parsed = []
+    real = profiles.load_yaml_model
+    monkeypatch.setattr(profiles, "load_yaml_model", lambda *a, **k: parsed.append(a[0]) or real(*a, **k))
+    path = write(tmp_path, GOOD)
+    first = load_profile(path)
+    first.variants.append("int8-pruned-50")  # the caller's copy
+    assert load_profile(path).variants == ["fp32", "int8"] and len(parsed) == 1
+    assert load_profile("rpi4").name == load_profile("rpi4").name == "rpi4" and len(parsed) <= 2  # read before?
+    parsed.clear()
+    path.write_text(GOOD.replace("cores: 4", "cores: 8"))
+    os.utime(path, ns=(1, 1))  # whatever the clock's resolution: another stat
+    assert load_profile(path).hardware.cores == 8 and len(parsed) == 1
+    path.write_text(GOOD.replace("cores: 4", "cores: 0"))
+    with pytest.raises(ConfigError, match="cores"):
+        load_profile(path)

@@ -83,3 +83,17 @@ def test_a_password_file_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_pat
     why = "not a regular file" if kind == "fifo" else "over the 65,535 bytes such a file may take"
     assert len(caught) == 1 and isinstance(caught[0], ConfigError), caught
     assert str(caught[0]) == f"agent.yaml: broker.password_file {path}: {why}"
+
+
+def test_a_config_check_works_out_each_dataclass_type_hints_once(monkeypatch):
+    """A deploy checks each device's agent.yaml with build(): typing.get_type_hints evaluated every annotation of
+    every config dataclass each time (2 ms of the host's CPU per device)."""
+    import typing
+
+    calls = []
+    real = typing.get_type_hints
+    monkeypatch.setattr(typing, "get_type_hints", lambda cls, *a, **k: calls.append(cls) or real(cls, *a, **k))
+    plain = to_plain(AgentConfig(device="pi-1", fleet="f", store=StoreConfig(max_store_mb=64)))
+    build(Node.plain(plain), "agent.yaml")
+    build(Node.plain({**plain, "device": "pi-2"}), "agent.yaml")
+    assert len(calls) == len(set(calls))
