@@ -872,8 +872,16 @@ def _interrupted_compile(digits_files, out: Path, to_group: bool) -> tuple[subpr
     notes that it builds the first pruned variant (fine-tuned for 60 epochs: long enough to outlast the grace after
     Ctrl-C): to the whole group, as a terminal's Ctrl-C does, or to the edgekit process alone; return it finished
     and the seconds from the signal to its end."""
+    import yaml
+
+    from edge_kit.profiles import load_profile
+
     scratch = Path(tempfile.mkdtemp(prefix="ek"))  # the edgekit process keeps the worker's notes in a folder here
-    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "compile", str(digits_files.model), "-p", "rpi4",
+    # rpi4 with only the variant interrupted (and its fp32 base): the float and int8 ones before it add nothing here
+    profile = scratch / "rpi4-pruned.yaml"
+    profile.write_text(yaml.safe_dump({**load_profile("rpi4").model_dump(mode="json", exclude_none=True),
+                                       "name": "rpi4-pruned", "variants": ["int8-pruned-50"]}))
+    proc = subprocess.Popen([sys.executable, "-m", "edge_kit", "compile", str(digits_files.model), "-p", str(profile),
                              "--calib", str(digits_files.calib), "--eval", str(digits_files.eval), "--train",
                              str(digits_files.train), "--epochs", "60", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
