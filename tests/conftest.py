@@ -51,6 +51,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
 
 
+@pytest.fixture
+def unblocked():
+    """Return ``run(call, fifo, timeout, what)``: ``call()`` in a thread; return the exception it raised (None if none).
+    A call still running after ``timeout`` seconds is waiting in the open of the FIFO ``fifo`` (a plain open waits for
+    a writer): a writer is opened to release it and the test fails naming ``what``."""
+    import threading
+
+    def run(call, fifo, timeout: float, what: str) -> BaseException | None:
+        caught: list[BaseException] = []
+
+        def guarded():
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001  (returned to the test)
+                caught.append(exc)
+
+        worker = threading.Thread(target=guarded, daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"{what} {fifo} (a FIFO) waited for a writer")
+        return caught[0] if caught else None
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _python_recursion_limit_kept():
     """Put Python's recursion limit back after each test. onnx2tf sets it to 2**31-1 when imported (a test runs the

@@ -268,11 +268,10 @@ def test_a_broker_ca_that_is_a_fifo_is_one_line_from_bench_never_a_wait(tmp_path
 
 
 @pytest.mark.parametrize("ca", ["fifo", "huge"])
-def test_a_broker_ca_a_deploy_ships_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_path, ca):
+def test_a_broker_ca_a_deploy_ships_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_path, ca, unblocked):
     """A deploy shipping the broker's CA to a device read broker.tls.ca with a plain read: a FIFO held it for ever,
     waiting for a writer, and a file of gigabytes was read whole. Now such a file is one line naming it."""
     import os
-    import threading
     from types import SimpleNamespace
 
     from edge_kit.fleet.agent_install import ensure_agent
@@ -292,23 +291,10 @@ def test_a_broker_ca_a_deploy_ships_that_is_a_fifo_or_too_big_is_one_line_naming
     shell = SimpleNamespace(dev=fleet.devices[0], info=info, root="/r", put=lambda *a, **k: None,
                             run=lambda *a, **k: None, remove=lambda *a, **k: None,
                             python_facts={"version": [3, 12, 0], "missing": [], "python": "python3"})
-    caught: list[BaseException] = []
-
-    def deploy():
-        try:
-            ensure_agent(shell, fleet)  # type: ignore[arg-type]
-        except BaseException as exc:  # noqa: BLE001  (asserted below)
-            caught.append(exc)
-
-    worker = threading.Thread(target=deploy, daemon=True)
-    worker.start()
-    worker.join(60)
-    if worker.is_alive():  # waiting in the FIFO's open: a writer releases it
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail(f"reading broker.tls.ca {path} (a FIFO) waited for a writer")
+    caught = unblocked(lambda: ensure_agent(shell, fleet), path, 60, "reading broker.tls.ca")  # type: ignore[arg-type]
     why = "not a regular file" if ca == "fifo" else "over the 1,048,576 bytes such a file may take"
-    assert len(caught) == 1 and isinstance(caught[0], ConfigError), caught
-    assert str(caught[0]) == (f"fleet file, device d1: broker.tls.ca {path}: {why}; set broker.tls.ca in the fleet "
+    assert isinstance(caught, ConfigError), caught
+    assert str(caught) == (f"fleet file, device d1: broker.tls.ca {path}: {why}; set broker.tls.ca in the fleet "
                               "file to the broker's CA certificate (PEM)")
 
 

@@ -359,7 +359,7 @@ def test_an_upload_of_a_local_file_gone_meanwhile_is_one_line_naming_it(device, 
         shell.put(tmp_path / "gone.tflite", "/opt/edgekit/incoming/int8.tflite")
 
 
-def test_an_ssh_key_that_is_a_fifo_is_one_line_naming_it_never_a_wait(tmp_path):
+def test_an_ssh_key_that_is_a_fifo_is_one_line_naming_it_never_a_wait(tmp_path, unblocked):
     """A device's `key:` naming a FIFO held the deploy for ever: the key was read to check it, and a FIFO's open waits
     for a writer. Now a key that is no regular file is one line naming it, before any connection."""
     from edge_kit.fleet.inventory import load_fleet
@@ -369,27 +369,17 @@ def test_an_ssh_key_that_is_a_fifo_is_one_line_naming_it_never_a_wait(tmp_path):
     (tmp_path / "fleet.yaml").write_text(f"fleet: f\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, "
                                          f"profile: rpi4, key: {key}}}\ndevices:\n  - {{name: d1, host: 127.0.0.1}}\n")
     dev = load_fleet(tmp_path / "fleet.yaml").devices[0]
-    caught: list[BaseException] = []
-
     def connect():
-        try:
-            with DeviceShell(dev, tmp_path / "known_hosts"):
-                pass
-        except BaseException as exc:  # noqa: BLE001  (asserted below)
-            caught.append(exc)
+        with DeviceShell(dev, tmp_path / "known_hosts"):
+            pass
 
-    worker = threading.Thread(target=connect, daemon=True)
-    worker.start()
-    worker.join(20)
-    if worker.is_alive():  # waiting in the FIFO's open: a writer releases it
-        os.close(os.open(key, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail(f"connecting with the SSH key {key} (a FIFO) waited for a writer")
-    assert len(caught) == 1 and isinstance(caught[0], DeployError), caught
-    assert str(caught[0]) == (f"d1 (edgekit@127.0.0.1:22): SSH key {key}: not a regular file; set the device's `key:` "
+    caught = unblocked(connect, key, 20, "connecting with the SSH key")
+    assert isinstance(caught, DeployError), caught
+    assert str(caught) == (f"d1 (edgekit@127.0.0.1:22): SSH key {key}: not a regular file; set the device's `key:` "
                               "in the fleet file to its private key file")
 
 
-def test_a_known_hosts_file_that_is_a_fifo_is_one_line_naming_it_never_a_wait(tmp_path):
+def test_a_known_hosts_file_that_is_a_fifo_is_one_line_naming_it_never_a_wait(tmp_path, unblocked):
     """A fleet's `known_hosts` naming a FIFO held the deploy for ever: paramiko opened it to load the host keys, and a
     FIFO's open waits for a writer. Now it is one line naming the file, before any connection."""
     from edge_kit.fleet.inventory import load_fleet
@@ -399,21 +389,11 @@ def test_a_known_hosts_file_that_is_a_fifo_is_one_line_naming_it_never_a_wait(tm
     (tmp_path / "fleet.yaml").write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, "
                                          "profile: rpi4}\ndevices:\n  - {name: d1, host: 127.0.0.1}\n")
     dev = load_fleet(tmp_path / "fleet.yaml").devices[0]
-    caught: list[BaseException] = []
-
     def connect():
-        try:
-            with DeviceShell(dev, known_hosts):
-                pass
-        except BaseException as exc:  # noqa: BLE001  (asserted below)
-            caught.append(exc)
+        with DeviceShell(dev, known_hosts):
+            pass
 
-    worker = threading.Thread(target=connect, daemon=True)
-    worker.start()
-    worker.join(20)
-    if worker.is_alive():  # waiting in the FIFO's open: a writer releases it
-        os.close(os.open(known_hosts, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail(f"loading the known_hosts file {known_hosts} (a FIFO) waited for a writer")
-    assert len(caught) == 1 and isinstance(caught[0], HostKeyError), caught
-    assert str(caught[0]) == (f"d1: {known_hosts}: cannot read the SSH known_hosts file (not a regular file); make it "
+    caught = unblocked(connect, known_hosts, 20, "loading the known_hosts file")
+    assert isinstance(caught, HostKeyError), caught
+    assert str(caught) == (f"d1: {known_hosts}: cannot read the SSH known_hosts file (not a regular file); make it "
                               "a readable file, or set known_hosts in the fleet file")

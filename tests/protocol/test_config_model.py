@@ -54,11 +54,10 @@ def test_one_password_file_rule(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["fifo", "huge"])
-def test_a_password_file_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_path, kind):
+def test_a_password_file_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_path, kind, unblocked):
     """broker.password_file was read with a plain read_text: a FIFO there held whoever loaded the config (the agent,
     bench, monitor) waiting for a writer for ever, and a file of gigabytes was read whole. Now one line naming it."""
     import os
-    import threading
 
     path = tmp_path / "pw"
     if kind == "fifo":
@@ -66,23 +65,11 @@ def test_a_password_file_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_pat
     else:
         with open(path, "wb") as f:
             f.truncate(65536)
-    caught: list[BaseException] = []
-
-    def load():
-        try:
-            BrokerConfig(password_file=path).password("agent.yaml")
-        except BaseException as exc:  # noqa: BLE001  (asserted below)
-            caught.append(exc)
-
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    worker.join(30)
-    if worker.is_alive():  # waiting in the FIFO's open: a writer releases it
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail(f"reading broker.password_file {path} (a FIFO) waited for a writer")
+    caught = unblocked(lambda: BrokerConfig(password_file=path).password("agent.yaml"), path, 30,
+                       "reading broker.password_file")
     why = "not a regular file" if kind == "fifo" else "over the 65,535 bytes such a file may take"
-    assert len(caught) == 1 and isinstance(caught[0], ConfigError), caught
-    assert str(caught[0]) == f"agent.yaml: broker.password_file {path}: {why}"
+    assert isinstance(caught, ConfigError), caught
+    assert str(caught) == f"agent.yaml: broker.password_file {path}: {why}"
 
 
 def test_a_config_check_works_out_each_dataclass_type_hints_once(monkeypatch):
