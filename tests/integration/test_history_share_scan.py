@@ -428,19 +428,26 @@ def test_a_version_5_history_is_upgraded_to_6_and_a_worker_of_version_5_still_wr
             assert sorted((g["first_missing"], g["last_missing"]) for g in store.sequence_gaps()) == [(3, 3), (5, 5)]
 
 
+def _upgraded_from(spec: str, version: int, index: str, run_cli) -> None:
+    """Make the history ``spec`` one of schema ``version`` (``index``, what the next version added, dropped), then
+    `edgekit history upgrade` it and check it is of this edge-kit's schema with ``index`` back. Return nothing."""
+    with open_history(spec) as store:
+        store._execute(f"DROP INDEX {index}")
+        store._execute(f"UPDATE edgekit_schema SET version = {version} WHERE name = 'history'")
+    code, out, err = run_cli("history", "upgrade", "--history", spec, "--json")
+    assert code == 0 and json.loads(out)["schema_version"] == SCHEMA_VERSION, err
+    with open_history(spec) as store:
+        assert index in _indexes(store) and store._schema_version() == SCHEMA_VERSION
+
+
 def test_a_version_6_history_is_upgraded_to_7_and_what_a_version_6_worker_writes_still_goes_in(request, tmp_path,
                                                                                                 run_cli):
     """Schema version 7 adds an index (``status (device, seq)``) and changes no table: `edgekit history upgrade` adds it
     to a version 6 history, on both backends, and a version 6 worker's INSERT (the same columns) still goes in; the read
     it serves answers as before."""
     for spec in (str(tmp_path / "h.db"), request.getfixturevalue("postgres_url")):
+        _upgraded_from(spec, 6, "status_seq", run_cli)
         with open_history(spec) as store:
-            store._execute("DROP INDEX status_seq")
-            store._execute("UPDATE edgekit_schema SET version = 6 WHERE name = 'history'")
-        code, out, err = run_cli("history", "upgrade", "--history", spec, "--json")
-        assert code == 0 and json.loads(out)["schema_version"] == SCHEMA_VERSION, err
-        with open_history(spec) as store:
-            assert "status_seq" in _indexes(store) and store._schema_version() == SCHEMA_VERSION
             body = {"state": "offline", "connection": "c"}
             store._execute("INSERT INTO status VALUES (?, ?, ?, ?, ?, ?)",  # a version 6 worker's statement
                            ("m1", "d1", time.time(), 1, "offline", json.dumps(messages.envelope("status", "f", "d1", 1,
@@ -455,13 +462,8 @@ def test_a_version_7_history_is_upgraded_to_8_and_takes_a_variant_of_any_length(
     long too, and the read it serves finds it."""
     long = "v" * 60_000
     for spec in (str(tmp_path / "h.db"), request.getfixturevalue("postgres_url")):
+        _upgraded_from(spec, 7, "bench_variant", run_cli)
         with open_history(spec) as store:
-            store._execute("DROP INDEX bench_variant")
-            store._execute("UPDATE edgekit_schema SET version = 7 WHERE name = 'history'")
-        code, out, err = run_cli("history", "upgrade", "--history", spec, "--json")
-        assert code == 0 and json.loads(out)["schema_version"] == SCHEMA_VERSION, err
-        with open_history(spec) as store:
-            assert "bench_variant" in _indexes(store) and store._schema_version() == SCHEMA_VERSION
             for n, variant in enumerate(("fp32", long)):
                 body = messages.envelope("bench", "f", "d1", n, {"variant": variant, "accuracy": {"value": 0.5}})
                 store._execute("INSERT INTO bench VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # a version 7 worker's statement
