@@ -413,7 +413,7 @@ def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_ke
     with Client(store.root) as client:
         for i, s in enumerate(x):  # paced, so a slow machine's shadow thread keeps up (its queue holds 4)
             client.predict({"image": s})
-            assert wait(lambda: server.snapshot()["shadow"]["compared"] == i + 1), server.snapshot()["shadow"]
+            assert wait(lambda: server.snapshot()["shadow"]["compared"] == i + 1, 60), server.snapshot()["shadow"]
     shadow = server.snapshot()["shadow"]
     assert shadow["model"]["variant"] == "fp32" and shadow["window"] == 8 and shadow["errors"] == 0
     f = shadow["fidelity"]
@@ -608,7 +608,7 @@ def test_a_shadow_child_that_falls_behind_or_dies_never_holds_up_a_request(wait,
         assert wait(lambda: server.snapshot()["shadow"]["dropped_queue_full"] == 6), server.snapshot()["shadow"]
     finally:
         os.kill(child, signal.SIGCONT)
-    assert wait(lambda: server.snapshot()["shadow"]["compared"] == 2)  # the two slots it held, once it runs again
+    assert wait(lambda: server.snapshot()["shadow"]["compared"] == 2, 60)  # its two held slots, once it runs again
     os.kill(child, signal.SIGKILL)
     assert wait(lambda: "ended" in server.snapshot()["shadow"])
     assert server.snapshot()["shadow"]["ended"] == f"the shadow process ended (exit {-signal.SIGKILL})"
