@@ -18,16 +18,22 @@ that prints a result takes it) also ``{"error", "exit_code"}`` on stdout, as ``e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
 from device_agents.store import ModelStore, default_root
-from edgekit_protocol.config import INFERENCE_TIMEOUT_FACTOR, BenchSettings, PowerConfig
+from edgekit_protocol.config import (
+    INFERENCE_TIMEOUT_FACTOR,
+    AgentConfig,
+    BenchSettings,
+    PowerConfig,
+)
 from edgekit_protocol.errors import (
     EdgeKitError,
     StdoutFailed,
@@ -210,11 +216,19 @@ def _store_command(args: argparse.Namespace) -> None:
     elif args.command == "activate":
         if not (args.sha256 or args.variant):
             raise StoreError("activate: give --sha256 or --variant")
-        own = _agent_bench(store.root)
+        from device_agents.serving.client import SOCKET
+        from device_agents.smoke import SmokePool
+
+        cfg = _agent_config(store.root)
+        own = cfg.bench if cfg else BenchSettings()
         sha = store.resolve(sha256=args.sha256, variant=args.variant)
         given = bool(args.delegate or args.delegate_option)  # another delegate's options would not fit it
-        out = store.activate(sha, runtime=args.runtime or own.runtime, delegate=args.delegate or own.delegate,
-                             options=_options(args) if given else own.delegate_options, threads=own.threads)
+        delegate, options = args.delegate or own.delegate, _options(args) if given else own.delegate_options
+        serving = None if cfg and not cfg.serve.enabled else (cfg and cfg.serve.socket) or store.root / SOCKET
+        pool = SmokePool()
+        with _serving_paused(store, sha, delegate, options, serving, pool):  # the running agent's, on the Edge TPU
+            out = store.activate(sha, runtime=args.runtime or own.runtime, delegate=delegate, options=options,
+                                 threads=own.threads, smoke=pool)
     elif args.command == "rollback":
         out = store.rollback()
     else:
@@ -224,10 +238,10 @@ def _store_command(args: argparse.Namespace) -> None:
     print(json.dumps(out, indent=2, default=str))
 
 
-def _agent_bench(root: Path) -> BenchSettings:
-    """Return the ``bench`` settings of the agent at ``root``, from ``<root>/agent.yaml`` (the file a deploy writes
-    there and the running agent reads): the runtime, delegate, options and threads it runs models with. Without that
-    file (a store made by hand, docs/serving.md), the defaults.
+def _agent_config(root: Path) -> AgentConfig | None:
+    """Return the config of the agent at ``root``, ``<root>/agent.yaml`` loaded (the file a deploy writes there and the
+    running agent reads: the runtime, delegate, options and threads it runs models with in ``bench``, its serving API
+    in ``serve``), or None without that file (a store made by hand, docs/serving.md).
 
     Raises:
         ConfigError: the file is there but does not load (its file, line and key named: :func:`load_agent_config`,
@@ -236,9 +250,56 @@ def _agent_bench(root: Path) -> BenchSettings:
     from device_agents.config import load_agent_config
 
     path = root / "agent.yaml"
-    if not os.path.lexists(path):
-        return BenchSettings()
-    return load_agent_config(path).bench
+    return load_agent_config(path) if os.path.lexists(path) else None
+
+
+def _agent_bench(root: Path) -> BenchSettings:
+    """Return the ``bench`` settings of :func:`_agent_config` (the defaults without agent.yaml). Raises as it."""
+    cfg = _agent_config(root)
+    return cfg.bench if cfg else BenchSettings()
+
+
+PAUSE_ASK_TIMEOUT_S = 30.0  # `activate` waits this long for the running agent to pause its serving of the Edge TPU
+
+
+@contextlib.contextmanager
+def _serving_paused(store: ModelStore, sha: str, delegate: str, options: dict[str, Any] | None,
+                    socket: Path | None, pool: Any) -> Iterator[None]:
+    """Run the ``with`` block (the activation of installed model ``sha``: its smoke check, a child of ``pool``, opens
+    it with ``delegate`` and ``options``) with the running agent's serving paused when that child opens the Edge TPU
+    (a USB Coral opens for one process at a time): the agent serving at ``socket`` (None: serving is off) closes its
+    interpreters that hold it until this process closes the connection, at the block's end or its own (killed
+    included: :meth:`device_agents.serving.Client.pause`). ``pool``'s forkserver starts first, not during the pause.
+    Nothing listening at ``socket``: nothing to pause. An agent that cannot be asked (older than pausing, no
+    permission, no answer within :data:`PAUSE_ASK_TIMEOUT_S`): the block runs all the same, and a StoreError it raises
+    (a smoke check failed as busy) says why serving was not paused. Yields nothing; raises what the block raises."""
+    from device_agents.serving.client import Client, ServingError
+    from device_agents.targets.edgetpu import EdgeTpu
+
+    if socket is None or sha == store.current() or store.delegate_for(sha, delegate, options)[0] != EdgeTpu.key:
+        yield  # no smoke check, or not on the Edge TPU
+        return
+    pool.warm()
+    client = Client(path=socket, timeout=PAUSE_ASK_TIMEOUT_S, shared_memory=False)
+    note = None
+    try:
+        client.pause(EdgeTpu.key, options, f"the smoke check of model {sha[:12]} by edgekit-agent activate opens the "
+                                           "Edge TPU it holds (one process at a time)")
+    except ServingError as exc:
+        if not isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError)):  # else: no agent running
+            who = running_agent(socket)
+            note = (f"the agent running at {socket}{who} is older than pausing its serving for another process: deploy "
+                    "this version to it (edgekit deploy), or stop it while activating"
+                    if str(exc).startswith("unknown op 'pause'") else
+                    f"the agent running at {socket}{who} did not pause its serving of the Edge TPU: {exc}")
+    try:
+        yield
+    except StoreError as exc:
+        if note is not None:
+            exc.args = (f"{exc}; {note}",)
+        raise
+    finally:
+        client.close()  # serving resumes
 
 
 LIVE_TIMEOUT_S = 2.0  # `state` waits this long for the running agent's live figures
@@ -304,18 +365,20 @@ def running_agent(socket: Path) -> str:
     the version cannot be read, ``""`` when neither can be known. Never raises."""
     import re
     import socket as sockets
-    import struct
 
-    from device_agents.serving.frames import socket_address
+    from device_agents.serving.frames import peer, socket_address
 
     try:
         with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as sock:
             sock.settimeout(LIVE_TIMEOUT_S)
             with socket_address(socket) as address:
                 sock.connect(address)
-            pid = struct.unpack("3i", sock.getsockopt(sockets.SOL_SOCKET, sockets.SO_PEERCRED, struct.calcsize("3i")))[0]
-    except (AttributeError, OSError, struct.error):  # no SO_PEERCRED (not Linux), gone meanwhile
+            who = peer(sock)  # None: no SO_PEERCRED (not Linux), gone meanwhile
+    except OSError:
         return ""
+    if who is None:
+        return ""
+    pid = who[0]
     try:
         with open(f"/proc/{pid}/cwd/edgekit_protocol/__init__.py", encoding="utf-8") as f:
             found = re.search(r'^__version__ = "([0-9A-Za-z.+-]{1,40})"', f.read(65536), re.M)

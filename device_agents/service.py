@@ -639,15 +639,15 @@ class Agent:
     @contextlib.contextmanager
     def _accelerator_for_child(self, settings: Any, what: str) -> Iterator[None]:
         """Run the ``with`` block, where a child process (``what``) opens a model with ``settings``' delegate, with
-        the serving API's interpreters closed (:meth:`Server.paused`) when they hold that accelerator and it opens
-        for one process at a time: an Edge TPU (:meth:`EdgeTpu.held`; a USB Coral would fail the child as busy).
+        the serving API's interpreters closed when they hold that accelerator and it opens for one process at a time
+        (:meth:`Server.paused_for`: an Edge TPU).
         Requests wait meanwhile, 20 s at most (``PAUSE_WAIT_S``, then told it is paused). ``settings`` None: no child
         runs. Yields nothing; raises what the block raises."""
-        if (self.server is None or settings is None or settings.delegate != EdgeTpu.key
-                or not EdgeTpu.held(settings.delegate_options)):
+        if self.server is None or settings is None:
             yield
             return
-        with self.server.paused(f"the {what} opens the Edge TPU it holds (one process at a time)"):
+        with self.server.paused_for(settings.delegate, settings.delegate_options,
+                                    f"the {what} opens the Edge TPU it holds (one process at a time)"):
             yield
 
     def _settings_for(self, sha: str, settings: Any) -> Any:

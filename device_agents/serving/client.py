@@ -376,6 +376,18 @@ class Client:
         answer = self._call({"op": "live"})[0]
         return {k: v for k, v in answer.items() if k not in ("ok", "tensors")}
 
+    def pause(self, delegate: str, options: dict[str, Any] | None, why: str) -> dict[str, Any] | None:
+        """Ask the agent to close its serving interpreters that hold the accelerator a child of this process is about
+        to open with ``delegate`` and ``options`` (an Edge TPU, which one process at a time opens), for as long as this
+        client stays connected: :meth:`close`, or this process's end (killed included), resumes serving. ``why`` is
+        what its requests are told meanwhile. Only the agent's user or root may. Returns the paused model
+        (``{"sha256", "variant"}``), or None when its serving holds no such accelerator.
+
+        Raises:
+            ServingError: as :meth:`info` (an agent older than pausing: ``unknown op 'pause'``), or another user's.
+        """
+        return self._call({"op": "pause", "delegate": delegate, "options": options, "why": why})[0].get("paused")
+
     @property
     def connected(self) -> bool:
         """Return True while this client holds a connection to the API: after a request the agent answered (an error

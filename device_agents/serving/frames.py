@@ -72,6 +72,17 @@ def socket_address(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
+def peer(sock: Any) -> tuple[int, int] | None:
+    """Return ``(pid, uid)`` of the process at the other end of the Unix socket ``sock`` (SO_PEERCRED: as it was when
+    it connected), or None where the system does not say (not Linux) or the socket is gone. Never raises."""
+    try:
+        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                             struct.calcsize("3i")))
+    except (AttributeError, OSError, struct.error):
+        return None
+    return pid, uid
+
+
 def socket_buffers(sock: Any, size: int = 4 << 20) -> None:
     """Ask for ``size``-byte send and receive buffers (the kernel caps them at ``net.core.*mem_max``), so
     an image-sized frame crosses in a few copies instead of a ping-pong of 200 kB pieces."""

@@ -62,12 +62,15 @@ from device_agents.serving.frames import (
     busy_poll,
     describe,
     encode_head,
+    peer,
     set_timeout,
     socket_address,
     socket_buffers,
     write_frame,
 )
 from device_agents.serving.shadow import Interpreters, Shadow
+from device_agents.targets.edgetpu import EdgeTpu
+from edgekit_protocol.labels import clip, printable
 
 __all__ = ["Interpreters", "Place", "RequestError", "Server"]
 
@@ -76,6 +79,9 @@ WINDOW = 2048  # requests the live percentiles are taken over
 WARMUP = 3  # inferences on zeros a new model runs before it is served
 PAUSE_WAIT_S = 20.0  # a request waits this long at most for a paused model (the Client's default timeout is 30 s)
 PAUSE_POLL_S = 0.25  # how often a waiting request looks whether a pause has kept it waiting that long
+# a pause another process asks for (the socket's pause op: `edgekit-agent activate`) ends when its connection closes,
+# or after this long at most (that process stopped, not killed: its smoke check's child is killed after 120 s)
+PAUSE_HOLD_MAX_S = 300.0
 # A connection that has had a request gives its place to a new client only once it has waited this long for its next
 # one: a client sending requests back to back waits a fraction of a millisecond between its answer and its next
 # request, and closing it then fails that request without an answer. One that never sent a byte gets no grace, or
@@ -462,6 +468,45 @@ class Server:
         finally:
             log.info("serving %s %s resumed after %.1f s", served.variant, served.sha256[:12], time.monotonic() - t0)
 
+    @contextlib.contextmanager
+    def paused_for(self, delegate: str | None, options: dict[str, Any] | None,
+                   why: str) -> Iterator[dict[str, Any] | None]:
+        """Run the ``with`` block, where a child process opens a model with ``delegate`` and its ``options``, paused
+        (:meth:`paused`) when the served model's interpreters hold that accelerator and it opens for one process at a
+        time: an Edge TPU (:meth:`EdgeTpu.held`; a USB Coral would fail the child as busy). Yields the paused model
+        (``{"sha256", "variant"}``) or None (nothing held: just the block); raises what the block raises."""
+        served = self.current
+        if served is None or delegate != EdgeTpu.key or not EdgeTpu.held(options):
+            yield None
+            return
+        with self.paused(why):
+            yield served.ref()
+
+    def _hold_pause(self, conn: Any, header: dict[str, Any]) -> None:
+        """Answer a ``pause`` request: another process (``edgekit-agent activate`` over SSH) is about to run a child on
+        the accelerator of the request's ``delegate`` and ``options``. Serving is paused as for the agent's own children
+        (:meth:`paused_for`, ``why`` the request's, with the asking pid), answered ``{"ok": true, "paused": the paused
+        model or None}``, and stays so until the connection closes (that process ends it, exits or is killed: the
+        kernel closes it), :data:`PAUSE_HOLD_MAX_S` at most. Only the agent's user, or root, may ask: the socket is its
+        group's applications' too (answered why not). Returns when the pause is over; never raises."""
+        asker = peer(conn)
+        if asker is None or asker[1] not in (0, os.geteuid()):
+            self._answer(conn, {"ok": False, "error": f"pause: only the agent's user (uid {os.geteuid()}) or root may "
+                                                      "pause serving (this connection's uid: "
+                                                      f"{asker[1] if asker else 'unknown'})"})
+            return
+        options = header.get("options")
+        why = f"{clip(printable(header.get('why') or 'another process asked'), 200)} (pid {asker[0]})"
+        with self.paused_for(str(header.get("delegate")), options if isinstance(options, dict) else None,
+                             why) as paused:
+            if not self._answer(conn, {"ok": True, "paused": paused}) or paused is None:
+                return
+            poller = select.poll()
+            poller.register(conn, select.POLLIN)  # closed (or a byte sent: never asked for): the pause ends
+            if not poller.poll(PAUSE_HOLD_MAX_S * 1000):
+                log.warning("serving API: the pause pid %s asked for ended after %.0f s, its connection still open",
+                            asker[0], PAUSE_HOLD_MAX_S)
+
     def set_shadow(self, path: Path | None, sha256: str = "", variant: str | None = None, *, share: float = 0.1,
                    max_per_s: float = 5.0, max_load: float | None = None) -> None:
         """Run ``path`` as the shadow model, in a child process at idle CPU priority, on ``share`` of
@@ -699,6 +744,9 @@ class Server:
                     if "shm" not in header:  # after the answer: the shadow never delays a request
                         self.offer_shadow(served, arrays, outputs)
                     continue
+                if op == "pause":  # another process's child opens the Edge TPU served from: paused while it lasts
+                    self._hold_pause(conn, header)
+                    return
                 served = self.current
                 if op == "live":  # the figures as they stand, for `edgekit-agent state`: counters read, none kept
                     answer = self.live_answer()
@@ -707,7 +755,7 @@ class Server:
                 elif op == "info":
                     answer = {"ok": True, "model": served.ref(), "inputs": served.inputs, "outputs": served.outputs}
                 else:
-                    answer = {"ok": False, "error": f"unknown op {str(op)[:20]!r} (predict, info, live)"}
+                    answer = {"ok": False, "error": f"unknown op {str(op)[:20]!r} (predict, info, live, pause)"}
                 if not _answer(conn, answer):
                     return
         finally:

@@ -646,3 +646,266 @@ def test_a_served_model_a_pause_left_unloaded_is_loaded_again_once_the_edge_tpu_
         assert agent.server.predict(x)[0] is served
     finally:
         agent.spool.close()
+
+
+# A fake USB Coral across processes, installed by sitecustomize in each process the test starts (and their children):
+# one process at a time holds it (a flock on the file EDGEKIT_FAKE_CORAL) while a delegate of that process lives, as
+# LiteRT's hold the Edge TPU; libedgetpu.so.1 loads. The interpreters run on the CPU. With EDGEKIT_FAKE_CORAL_SLOW (a
+# file), an interpreter's delegate (a smoke check's child) writes its pid there once it holds the Coral, then waits.
+FAKE_CORAL = '''
+import os
+
+if os.environ.get("EDGEKIT_FAKE_CORAL"):
+    import ctypes
+    import fcntl
+    import threading
+    import time
+    import weakref
+
+    from device_agents.runtimes import litert
+    from device_agents.targets import edgetpu
+
+    _lock, _held = threading.Lock(), {"n": 0, "fd": -1}
+
+    def _release():
+        with _lock:
+            _held["n"] -= 1
+            if not _held["n"]:
+                os.close(_held["fd"])
+
+    def _open(library=None, options=None):
+        with _lock:
+            if not _held["n"]:
+                fd = os.open(os.environ["EDGEKIT_FAKE_CORAL"], os.O_RDWR | os.O_CREAT)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise ValueError("Failed to load delegate from libedgetpu.so.1") from None
+                _held["fd"] = fd
+            _held["n"] += 1
+
+        class Delegate:
+            pass
+
+        delegate = Delegate()
+        weakref.finalize(delegate, _release)
+        return delegate
+
+    class _CDLL(ctypes.CDLL):
+        def __init__(self, name, *args, **kwargs):
+            super().__init__(None if name == "libedgetpu.so.1" else name, *args, **kwargs)
+
+    class _Module:
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def load_delegate(self, library, options=None):
+            delegate = _open()
+            if os.environ.get("EDGEKIT_FAKE_CORAL_SLOW"):
+                with open(os.environ["EDGEKIT_FAKE_CORAL_SLOW"], "w") as f:
+                    f.write(str(os.getpid()))
+                time.sleep(600)
+            return delegate
+
+        def Interpreter(self, *args, experimental_delegates=(), **kwargs):
+            interpreter = self.real.Interpreter(*args, **kwargs)
+            interpreter.fake_delegates = list(experimental_delegates)  # held as long as the interpreter
+            return interpreter
+
+    _module = litert.LiteRT._module.__func__
+    ctypes.CDLL = _CDLL
+    edgetpu.load_delegate = _open
+    litert.LiteRT._module = classmethod(lambda cls: _Module(_module(cls)))
+'''
+
+
+@pytest.fixture
+def agent_on_fake_coral(face, tmp_path, wait, offline_config):
+    """Yield ``(root, env, first, serving)``: `edgekit-agent run` (offline) serving edgetpu model ``first`` from the
+    fake USB Coral of :data:`FAKE_CORAL` (installed and activated by `edgekit-agent activate`, no agent running then),
+    in its own process; ``env``: what another process needs to see the same Coral; ``serving(sha)``: whether the agent
+    answers that it serves ``sha``. Stops the agent after the test."""
+    import subprocess
+    import sys
+
+    from device_agents.serving import Client
+    from edge_kit.sim.process import stop_process
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(FAKE_CORAL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), *sys.path]),
+           "EDGEKIT_FAKE_CORAL": str(tmp_path / "coral")}
+    root = offline_config("bench: {delegate: edgetpu}\n", serve="{enabled: true}").root
+    root.mkdir()
+    (root / "agent.yaml").write_text((tmp_path / "agent.yaml").read_text())  # where a deploy writes it: activate reads it
+    first = ModelStore(root).install(face, variant="edgetpu", model="blazeface").sha256
+    done = subprocess.run([sys.executable, "-m", "device_agents", "activate", "--sha256", first, "--root", str(root)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    agent = subprocess.Popen([sys.executable, "-m", "device_agents", "run", "--config", str(root / "agent.yaml"),
+                              "--log-file", str(root / "agent.log")], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+
+    def serving(sha):
+        with Client(root, timeout=30) as client:
+            try:
+                return client.info()["model"]["sha256"] == sha
+            except Exception:  # noqa: BLE001 - not yet
+                return False
+
+    try:
+        assert wait(lambda: serving(first), 120), (root / "agent.log").read_text()
+        yield root, env, first, serving
+    finally:
+        stop_process(agent, timeout=30)
+
+
+def test_activate_in_another_process_pauses_the_running_agents_edge_tpu_serving(agent_on_fake_coral, face, tmp_path,
+                                                                                 wait):
+    """A USB Coral opens for one process at a time: `edgekit-agent activate` over SSH (a deploy without a broker) is
+    another process than the running agent, which could not pause the serving that held the Coral, so the smoke
+    check of every edgetpu model after the first failed as busy. It asks the running agent to pause over the serving
+    socket now: the activation succeeds, requests meanwhile wait and are answered, and the agent then serves the new
+    model. Faked across real processes: no Coral was attached (docs/firmware/coral.md)."""
+    import json
+    import subprocess
+    import sys
+    import threading
+
+    import numpy as np
+
+    from device_agents.serving import Client
+
+    root, env, first, serving = agent_on_fake_coral
+    second = tmp_path / "second.tflite"
+    second.write_bytes(face.read_bytes() + b"\0")  # another sha256
+    sha = ModelStore(root).install(second, variant="edgetpu", model="blazeface").sha256
+    answered, failed, stop = [], [], threading.Event()
+
+    def requests():
+        with Client(root, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    answered.append(client.predict(np.zeros((128, 128, 3), np.float32)) and client.model["sha256"])
+                except Exception as exc:  # noqa: BLE001 - what the test counts
+                    failed.append(repr(exc))
+
+    sender = threading.Thread(target=requests)
+    sender.start()
+    try:
+        assert wait(lambda: answered, 30), failed
+        done = subprocess.run([sys.executable, "-m", "device_agents", "activate", "--sha256", sha, "--root", str(root),
+                               "--json"], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["current"] == sha and ModelStore(root).current() == sha
+        assert wait(lambda: serving(sha), 60), (root / "agent.log").read_text()
+        assert wait(lambda: answered[-1] == sha, 30)
+    finally:
+        stop.set()
+        sender.join(90)
+    assert failed == [] and first in answered  # none failed, through the pauses of both processes' checks
+    log = (root / "agent.log").read_text()
+    assert f"paused: the smoke check of model {sha[:12]} by edgekit-agent activate opens the Edge TPU it holds" in log
+
+
+def test_the_pause_another_process_asked_for_ends_when_that_process_is_killed(agent_on_fake_coral, face, tmp_path,
+                                                                              wait):
+    """The pause `edgekit-agent activate` asks the running agent for lasts as long as its connection: killed in the
+    middle of its smoke check (its child holding the Coral), the kernel closes that connection, the agent loads its
+    interpreters again (once the child, which dies with its caller, let the Coral go) and serves the model it served.
+    Nothing was switched."""
+    import signal
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from device_agents.serving import Client
+
+    root, env, first, serving = agent_on_fake_coral
+    second = tmp_path / "second.tflite"
+    second.write_bytes(face.read_bytes() + b"\0")
+    sha = ModelStore(root).install(second, variant="edgetpu", model="blazeface").sha256
+    holding = tmp_path / "child.pid"
+    activate = subprocess.Popen([sys.executable, "-m", "device_agents", "activate", "--sha256", sha, "--root",
+                                 str(root)], env={**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        assert wait(lambda: holding.exists() and holding.read_text(), 120), activate.stderr.read() if activate.poll() \
+            is not None else "the smoke check's child never held the Coral"
+        child = int(holding.read_text())
+        log = root / "agent.log"
+        assert f"paused: the smoke check of model {sha[:12]} by edgekit-agent activate" in log.read_text()
+        activate.send_signal(signal.SIGKILL)
+        activate.wait(30)
+
+        def answers():
+            with Client(root, timeout=30) as client:
+                try:
+                    client.predict(np.zeros((128, 128, 3), np.float32))
+                    return client.model["sha256"]
+                except Exception:  # noqa: BLE001 - not yet
+                    return None
+
+        assert wait(lambda: answers() == first, 60), log.read_text()
+        assert wait(lambda: not os.path.exists(f"/proc/{child}"), 10)  # the child died with its caller
+        assert ModelStore(root).current() == first and "resumed after" in log.read_text()
+    finally:
+        if activate.poll() is None:
+            activate.kill()
+        activate.wait(30)
+        activate.stderr.close()
+        if child is not None and os.path.exists(f"/proc/{child}"):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_activate_says_why_the_running_agent_did_not_pause_its_serving(face, tmp_path, monkeypatch):
+    """`edgekit-agent activate` asks the agent serving at the root's socket to pause for the smoke check of an edgetpu
+    model. No agent running: nothing to pause, not a word of it. An agent older than the pause (it answers unknown
+    op), or one that refuses it (asked by another user than the agent's: the socket is its group's applications' too):
+    the check runs all the same, and its failure (busy, on a USB Coral serving) says why serving was not paused."""
+    from device_agents.__main__ import _serving_paused
+    from device_agents.serving import Client, ServingError
+    from device_agents.serving.server import Interpreters, Server
+
+    store = ModelStore(tmp_path / "root")
+    sha = store.install(face, variant="edgetpu", model="blazeface").sha256
+    sock, warmed = store.root / "serve.sock", []
+    busy = f"model {sha[:12]} failed its smoke inference: Failed to load delegate from libedgetpu.so.1"
+
+    class Pool:
+        def warm(self):
+            warmed.append(True)
+
+    def activation() -> str:
+        with pytest.raises(StoreError) as caught, _serving_paused(store, sha, "edgetpu", None, sock, Pool()):
+            raise StoreError(busy)
+        return str(caught.value)
+
+    assert activation() == busy and warmed  # no agent running
+    srv = Server(sock, make_interpreter=Interpreters()).start()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr("device_agents.serving.server.peer", lambda conn: (1, 12345))  # another user asks
+            refused = (f"pause: only the agent's user (uid {os.geteuid()}) or root may pause serving (this connection's "
+                       "uid: 12345)")
+            with Client(store.root) as client, pytest.raises(ServingError) as caught:
+                client.pause("edgetpu", None, "a smoke check")
+            assert str(caught.value) == refused
+            said = activation()
+            assert said.startswith(f"{busy}; the agent running at {sock} (pid {os.getpid()}")
+            assert said.endswith(f"did not pause its serving of the Edge TPU: {refused}")
+        monkeypatch.setattr(Server, "_hold_pause", lambda self, conn, header: self._answer(  # an older agent's answer
+            conn, {"ok": False, "error": "unknown op 'pause' (predict, info, live)"}))
+        said = activation()
+        assert said.startswith(f"{busy}; the agent running at {sock} (pid {os.getpid()}")
+        assert said.endswith("is older than pausing its serving for another process: deploy this version to it "
+                             "(edgekit deploy), or stop it while activating")
+    finally:
+        srv.close()
