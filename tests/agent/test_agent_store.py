@@ -518,9 +518,10 @@ class UsbCoral:
             raise SmokeFailed("Failed to load delegate from libedgetpu.so.1")
 
 
-def _agent_on_usb_coral(coral, monkeypatch, offline_config):
-    """Return an Agent with ``bench.delegate: edgetpu`` and its serving API on, whose serving interpreters (the real
-    ones) hold an Edge TPU delegate of ``coral`` (a :class:`UsbCoral`), as LiteRT's do; libedgetpu loads."""
+def _agent_on_usb_coral(coral, monkeypatch, offline_config, workers=1):
+    """Return an Agent with ``bench.delegate: edgetpu`` and its serving API on (``workers`` interpreters per model),
+    whose serving interpreters (the real ones) hold an Edge TPU delegate of ``coral`` (a :class:`UsbCoral`), as
+    LiteRT's do; libedgetpu loads."""
     from device_agents.service import Agent
     from device_agents.serving.server import Interpreters
     from device_agents.targets.edgetpu import EdgeTpu
@@ -537,19 +538,21 @@ def _agent_on_usb_coral(coral, monkeypatch, offline_config):
         interpreter.delegates = EdgeTpu.interpreter_options(Module(), None)["experimental_delegates"]
         return interpreter
 
-    agent = Agent(offline_config("bench: {delegate: edgetpu}\n", serve="{enabled: true}"))
+    agent = Agent(offline_config("bench: {delegate: edgetpu}\n", serve=f"{{enabled: true, workers: {workers}}}"))
     agent.server.make_interpreter = serving_interpreter
     return agent
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_and_no_request_fails(face, tmp_path,
                                                                                                   monkeypatch,
-                                                                                                  offline_config, wait):
+                                                                                                  offline_config, wait,
+                                                                                                  workers):
     """A USB Coral opens for one process at a time: while the serving API served an edgetpu model, the smoke check of
     the next one (a child) failed to open the Edge TPU, so no edgetpu model could follow another. Serving's
-    interpreters are closed for the child's run now and loaded again after it: requests wait meanwhile, none fails.
-    A shadow run of an edgetpu variant (a child for as long as it runs) is refused in one line instead. Faked: no
-    Coral was attached (docs/firmware/coral.md)."""
+    interpreters (each worker's) are closed for the child's run now and loaded again after it: requests wait
+    meanwhile, none fails. A shadow run of an edgetpu variant (a child for as long as it runs) is refused in one line
+    instead. Faked: no Coral was attached (docs/firmware/coral.md)."""
     import threading
     import time
 
@@ -560,7 +563,7 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
     from edgekit_protocol.commands import Command
 
     coral, seen = UsbCoral(), []
-    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config, workers)
 
     def smoke_child(path, **kw):
         coral.open_in_child()
@@ -575,7 +578,7 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
         first = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
         agent._activate(first)
         agent.follow_current()
-        assert agent.server.current.sha256 == first and coral.open_here == 1
+        assert agent.server.current.sha256 == first and coral.open_here == workers
         x = {p["name"]: np.zeros(p["shape"][1:], np.float32) for p in agent.server.current.inputs}
 
         def requests():
@@ -585,8 +588,9 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
                 except Exception as exc:  # noqa: BLE001 - what the test counts
                     failed.append(repr(exc))
 
-        sender = threading.Thread(target=requests)
-        sender.start()
+        senders = [threading.Thread(target=requests) for _ in range(workers)]  # each worker's interpreter in use
+        for sender in senders:
+            sender.start()
         assert wait(lambda: answered), failed
         second = tmp_path / "second.tflite"
         second.write_bytes(face.read_bytes() + b"\0")  # another sha256
@@ -595,9 +599,10 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
         agent._activate(sha)  # the child opens the Edge TPU serving held
         time.sleep(0.2)
         stop.set()
-        sender.join(10)
+        for sender in senders:
+            sender.join(10)
         assert agent.store.current() == sha and failed == [] and len(seen) == 2 and seen[0] == seen[1]
-        assert len(answered) > seen[1] and coral.open_here == 1  # served again after the child, from the Edge TPU
+        assert len(answered) > seen[1] and coral.open_here == workers  # served again after the child, from the Edge TPU
         with pytest.raises(DeviceError, match="runs on the Edge TPU the served model holds, and an Edge TPU opens "
                                               "for one process at a time"):
             agent._cmd_shadow(Command(msg_id="s", name="shadow", args={"sha256": sha}))
