@@ -14,7 +14,15 @@ from edge_kit.telemetry.store import SCHEMA_VERSION, Store
 
 HOSTILE_DEVICE = "dev1<b onmouseover=alert(1)>[red]x"  # no / in a topic segment
 HOSTILE_TOPIC = f"edgekit/v1/f/{HOSTILE_DEVICE}/bench"
-NOW = time.time()
+NOW = time.time()  # set again at each test's start (_now)
+
+
+@pytest.fixture(autouse=True)
+def _now():
+    """Set :data:`NOW` to this test's start: at module import, a test run half an hour after collection (a loaded CI
+    run) saw its rows of "1 h ago" inside a window of 90 to 150 min ago. Return nothing."""
+    global NOW
+    NOW = time.time()
 
 
 def _history(path):
