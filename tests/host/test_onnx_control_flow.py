@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_kit.compiler.onnx_source import CONVERSION_WARN_SNR_DB, version
 from edge_kit.compiler.pipeline import CompileRequest, compile_model
-from edge_kit.manifest import read_manifest
+from edge_kit.manifest import Manifest, read_manifest
 from edge_kit.profiles import load_profile
 
 
@@ -62,45 +63,53 @@ def loop_model(path: Path) -> Path:
                               numpy_helper.from_array(np.array(True), "go")])
 
 
-def test_an_if_on_a_computed_condition_converts_and_passes_the_fidelity_check(tmp_path):
-    """Both branches checked: the calibration samples (the conversion check's inputs without --eval) are half
-    positive-sum, half negative-sum; the LiteRT fp32 variant and the ONNX Runtime one are built and match ONNX
-    Runtime on the source to round-off."""
+@pytest.fixture(scope="module")
+def if_compiled(tmp_path_factory) -> tuple[Path, Manifest]:
+    """Return the :func:`if_model` (its then branch's node named 'relu@1:0', a Paddle-style name) and its manifest,
+    compiled for fp32 and onnx-fp32 on 16 calibration samples, half positive-sum, half negative-sum (both branches).
+    One compile for the two tests below: onnx2tf runs once."""
+    folder = tmp_path_factory.mktemp("if")
     x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
     x[:8] = np.abs(x[:8])
     x[8:] = -np.abs(x[8:])
-    np.savez(tmp_path / "calib.npz", x=x)
+    np.savez(folder / "calib.npz", x=x)
     profile = load_profile("rpi4").model_copy(update={"variants": ["fp32", "onnx-fp32"]})
-    manifest = compile_model(CompileRequest(if_model(tmp_path / "branch.onnx"), [profile], tmp_path / "out",
-                                            calib=tmp_path / "calib.npz"))
+    model = if_model(folder / "branch.onnx", then_name="relu@1:0")
+    return model, compile_model(CompileRequest(model, [profile], folder / "out", calib=folder / "calib.npz"))
+
+
+def test_an_if_on_a_computed_condition_converts_and_passes_the_fidelity_check(if_compiled):
+    """Both branches checked: the calibration samples (the conversion check's inputs without --eval) are half
+    positive-sum, half negative-sum; the LiteRT fp32 variant and the ONNX Runtime one are built and match ONNX
+    Runtime on the source to round-off."""
+    model, manifest = if_compiled
     conversion = manifest.model["conversion"]
     assert conversion["samples"] == 16 and conversion["snr_db"] > CONVERSION_WARN_SNR_DB, conversion
     for vid in ("fp32", "onnx-fp32"):
         art = manifest.artifact(vid)
         assert art.status == "built", art.reason
         assert art.fidelity.measured and art.fidelity.samples == 16 and art.fidelity.snr_db > CONVERSION_WARN_SNR_DB
-        assert (tmp_path / "out" / "branch" / art.file).is_file()
+        assert (model.parent / "out" / "branch" / art.file).is_file()
 
 
-def test_node_names_inside_if_branches_get_the_names_onnx2tf_is_given_at_the_top_level(tmp_path):
+def test_node_names_inside_if_branches_get_the_names_onnx2tf_is_given_at_the_top_level(if_compiled):
     """The model handed to onnx2tf has its node names cleaned (only characters TensorFlow takes in an op name, a name
     for a node without one): at the top level only, so a branch's ``relu@1`` (a Paddle-style name) and unnamed node
     reached onnx2tf as they were. Every graph's nodes are cleaned now; the model still converts and matches ONNX
-    Runtime on both branches."""
+    Runtime on both branches (the calibration samples take both)."""
     import re
 
     from edge_kit.compiler.onnx_source import graphs_of, prepared_model
     from edge_kit.compiler.sources import load_source
 
-    model = if_model(tmp_path / "names.onnx", then_name="relu@1:0")
+    model, manifest = if_compiled
     source = load_source(model)
     ready, _ins, _outs, _shapes = prepared_model(source.onnx, source.inputs)
     names = [n.name for g in graphs_of(onnx.load_from_string(ready).graph) for n in g.node]
     assert "relu_1_0" in names and all(re.fullmatch(r"[A-Za-z0-9_./-]+", n) for n in names), names
     assert len(set(names)) == len(names), names  # the unnamed Neg in the else branch is no top-level node's namesake
-    profile = load_profile("rpi4").model_copy(update={"variants": ["fp32"]})
-    conversion = compile_model(CompileRequest(model, [profile], tmp_path / "out")).model["conversion"]
-    assert conversion["samples"] == 4 and conversion["snr_db"] > CONVERSION_WARN_SNR_DB, conversion
+    conversion = manifest.model["conversion"]
+    assert conversion["samples"] == 16 and conversion["snr_db"] > CONVERSION_WARN_SNR_DB, conversion
 
 
 LOOP_LINE = ("{model}: onnx2tf {version} cannot convert the Loop node 'refine' to TensorFlow Lite, so no LiteRT "
@@ -132,13 +141,13 @@ def test_a_loop_onnx2tf_cannot_convert_is_named_as_the_model_names_it(tmp_path, 
     """onnx2tf is given node names TensorFlow takes ('refine_0_1' for a Paddle-style 'refine@0:1'), and its log
     names that: the line named a node the user's model does not hold. It names the model's own name now, shown on one
     line (a line break in a name is escaped)."""
-    for name, shown in (("refine@0:1", "refine@0:1"), ("re\nfine", "re\\x0afine")):
-        nodes = [helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=halving_body(), name=name)]
-        model = save(tmp_path / "loop.onnx", nodes, [numpy_helper.from_array(np.array(3, np.int64), "trips"),
-                                                     numpy_helper.from_array(np.array(True), "go")])
-        code, _out, err = run_cli("compile", model, "-p", profile_file(tmp_path, ["fp32"]), "--out", tmp_path / "out")
-        assert code == 2 and err.strip() == "edgekit: error: " + LOOP_LINE.format(
-            model=model, version=version("onnx2tf")).replace("'refine'", f"'{shown}'"), err
+    # one name of both kinds ('re_fine_0_1' to onnx2tf), so onnx2tf fails once, not once per name
+    nodes = [helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=halving_body(), name="re\nfine@0:1")]
+    model = save(tmp_path / "loop.onnx", nodes, [numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                                                 numpy_helper.from_array(np.array(True), "go")])
+    code, _out, err = run_cli("compile", model, "-p", profile_file(tmp_path, ["fp32"]), "--out", tmp_path / "out")
+    assert code == 2 and err.strip() == "edgekit: error: " + LOOP_LINE.format(
+        model=model, version=version("onnx2tf")).replace("'refine'", "'re\\x0afine@0:1'"), err
 
 
 def test_nodes_whose_names_clean_alike_convert_and_a_failure_names_the_right_one(tmp_path, run_cli):
@@ -296,8 +305,6 @@ def test_without_data_a_model_nan_on_most_check_samples_is_refused_not_checked_o
     """Random samples on which ONNX Runtime's outputs are NaN are left out; a model NaN on three of the four (here
     ``x * sqrt(-sum(x))``: both uniform samples and one of the normal pair) passed the conversion check on the one
     left, with a fidelity figure from a single sample. Over half left out is refused now, saying to give data."""
-    import pytest
-
     from edge_kit.errors import InputError
 
     nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=1), helper.make_node("Neg", ["total"], ["neg"]),

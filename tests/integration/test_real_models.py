@@ -9,6 +9,7 @@ boxes on two photos, checked by eye (see docs/real-models.md).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,13 @@ def detector(faces, tmp_path_factory):
 
 
 def strict_profile(folder: Path) -> Path:
-    """Return a profile file: rpi4's content plus ``min_fidelity_snr_db``."""
+    """Return a profile file: rpi4's content plus ``min_fidelity_snr_db``, its variants fp32 and int8 only (the one
+    calibration changes, and one it does not: neither fp16 nor dynamic-int8 reads --calib)."""
     text = (ROOT / "profiles" / "rpi4.yaml").read_text()
     text = text.replace("name: rpi4", "name: rpi4-strict").replace(
         "max_model_mb: 64}", f"max_model_mb: 64, min_fidelity_snr_db: {STRICT_SNR_DB:g}}}")
-    assert "min_fidelity_snr_db" in text
+    text = re.sub(r"(?m)^variants: \[.*\]$", "variants: [fp32, int8]", text)
+    assert "min_fidelity_snr_db" in text and "variants: [fp32, int8]" in text
     path = folder / "rpi4-strict.yaml"
     path.write_text(text)
     return path
@@ -128,7 +131,9 @@ def test_detector_int8_runs_in_one_xnnpack_partition(detector):
 def test_noise_calibration_is_worse_and_a_fidelity_floor_warns(detector, faces, wheels, tmp_path, run_cli):
     _, real = detector
     noise = tmp_path / "noise.npz"
-    np.savez(noise, x=realmodels.noise_samples(64, seed=3, size=192))
+    # 32 samples, not 64: uniform noise spans its min/max ranges in either (int8 measured 15.4 dB on these, 15.9 on
+    # 64; 22.9 dB with the real calibration: the 3 dB asserted below keeps its margin)
+    np.savez(noise, x=realmodels.noise_samples(32, seed=3, size=192))
     profile = strict_profile(tmp_path)
     code, out, err = run_cli("compile", faces["model"], "-p", profile, "--calib", noise, "--eval", faces["eval"],
                              "--task", "detection", "--decode", DECODE, "--out", tmp_path / "o")
@@ -227,8 +232,6 @@ def test_agent_scores_the_int8_detector_as_the_host_did(detector):
 def test_the_serving_docs_application_counts_faces_on_real_photos(wheels, tmp_path):
     """docs/serving.md's application, run as printed, against the agent's serving API with the real
     detector: confident anchors on photo crops that hold a face, far fewer on crops that hold none."""
-    import re
-
     from device_agents.runtimes import get_runtime
     from device_agents.serving import Client
     from device_agents.serving.server import Server
