@@ -129,6 +129,27 @@ def test_the_agent_refuses_to_start_on_a_delegate_no_target_has_in_one_line(offl
     assert caught.value.code == 2 and err == f"edgekit-agent: error: {tmp_path}/{why}\n"
 
 
+@pytest.mark.parametrize("kind, why", [("missing", "No such file or directory"), ("folder", "Is a directory")])
+def test_a_password_file_that_cannot_be_read_stops_the_agent_in_one_line_saying_what_to_do(tmp_path, capsys, kind,
+                                                                                          why):
+    """`edgekit-agent run` on a broker.password_file that is missing (or a folder) said only "broker.password_file
+    /x: No such file or directory": not which agent.yaml, nor what to do. Now the line names both, exit 2."""
+    from device_agents.__main__ import main
+
+    pw = tmp_path / "mqtt.pass"
+    if kind == "folder":
+        pw.mkdir()
+    config = write(tmp_path, "agent.yaml", f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\n"
+                                           f"broker: {{host: 127.0.0.1, port: 1, username: pi-1, password_file: {pw}}}\n")
+    with pytest.raises(SystemExit) as caught:
+        main(["run", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err == (
+        f"edgekit-agent: error: {config}: broker.password_file {pw}: {why}; create it holding the broker password "
+        "alone (`edgekit fleet init` wrote each user's in its secrets/ folder), readable by this user, or fix "
+        f"broker.password_file in {config}\n")
+
+
 @pytest.mark.parametrize("args", [["state"], ["rollback"], ["activate", "--variant", "int8"], ["bench", "nope.tflite"]])
 def test_agent_commands_take_json_and_then_say_an_error_in_json_too(tmp_path, capsys, args):
     """`edgekit-agent state --json` was a usage error (only bench took --json), and `bench --json` said its errors
