@@ -66,6 +66,7 @@ class TlsConfig:
 
 
 MAX_PASSWORD_BYTES = 65535  # of broker.password_file: the most an MQTT CONNECT's password field holds
+MAX_CA_BYTES = 1 << 20  # of a CA bundle (broker.tls.ca, pull.ca_file): a system's whole is ~200 KiB; room to spare
 
 
 @dataclass(frozen=True)
