@@ -1334,12 +1334,13 @@ class HistoryStore(abc.ABC):
                     out[key] = float(value)
         return out
 
-    def latest_status(self) -> dict[str, dict[str, Any]]:
-        """Return the newest status message per device: of its :data:`STATUS_ORDER_SCAN` newest by receive time, the
-        newest by the device's own order (:func:`newer_status`: epoch, connection, then ``seq``), by receive time where
-        the device gives none. A status a ``--share`` peer stamped after the device's last will, or one of an older
-        connection received late, no longer makes a device whose will said offline look online; a newer connection's
-        status received before the older one's will still shows it online. When the newest is an ``offline`` one, its
+    def latest_status(self, devices: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Return the newest status message per device (of ``devices``, or every device's; the monitor asks for those a
+        batch held statuses of): of its :data:`STATUS_ORDER_SCAN` newest by receive time, the newest by the device's own
+        order (:func:`newer_status`: epoch, connection, then ``seq``), by receive time where the device gives none. A
+        status a ``--share`` peer stamped after the device's last will, or one of an older connection received late,
+        no longer makes a device whose will said offline look online; a newer connection's status received before the
+        older one's will still shows it online. When the newest is an ``offline`` one, its
         ``current`` is the one of the newest status (by ``seq``) of the same agent ``connection``: a last will
         the broker published was signed when the agent connected, and names the model of that moment, not one
         it switched to since (looked for among the device's statuses numbered after the will's, of its numbering, its
@@ -1357,7 +1358,7 @@ class HistoryStore(abc.ABC):
         ``(device, ts)`` index (:meth:`_newest_rows`, :meth:`_newest_join`): never all of a device's statuses.
         Raises HistoryError."""
         read: dict[str, list[dict[str, Any]]] = {}
-        for device, body, _ts in self._newest_rows("status", 1, STATUS_ORDER_SCAN):  # newest first, by device
+        for device, body, _ts in self._newest_rows("status", 1, STATUS_ORDER_SCAN, devices):  # newest first, by device
             read.setdefault(device, []).append(json.loads(body))
         epochs = self.device_epochs([d for d, ms in read.items() if len({message_epoch(m) for m in ms} - {None}) > 1])
         newest = {}
@@ -1573,18 +1574,27 @@ class HistoryStore(abc.ABC):
         return (f"d(device) AS (SELECT MIN(device) FROM {table} UNION ALL SELECT (SELECT MIN(x.device) FROM {table} x "
                 "WHERE x.device > d.device) FROM d WHERE d.device IS NOT NULL)")
 
-    def _newest_rows(self, table: str, first: int, last: int) -> list[tuple[str, str, float]]:
+    def _newest_rows(self, table: str, first: int, last: int,
+                     devices: Iterable[str] | None = None) -> list[tuple[str, str, float]]:
         """Return ``(device, body, ts)`` of the ``first``-th to ``last``-th newest rows (by receive time, then ``seq``;
-        1: the newest) of every device of ``table`` (a record kind), by device, newest first. One query: each device
-        found by :meth:`_each_device`, then its ``last`` newest rows through its ``(device, ts)`` index
-        (:meth:`_newest_join`): the work grows with the devices and ``last``, not with the history's length (a
-        one-device history's too). Raises HistoryError."""
+        1: the newest) of every device of ``table`` (a record kind), or of ``devices`` alone, by device, newest first.
+        One query (one per 200 of ``devices``): each device found by :meth:`_each_device` (or given), then its ``last``
+        newest rows through its ``(device, ts)`` index (:meth:`_newest_join`): the work grows with the devices and ``last``,
+        not with the history's length (a one-device history's too). Raises HistoryError."""
         # a row without a receive time (hand-made) is ranked by neither database: PostgreSQL sorts it first, SQLite last
         newest = self._newest_join(table, "{0}.device = b.device", last)
-        return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(device) AS (SELECT d.device FROM d WHERE d.device "
-                          "IS NOT NULL) SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, ROW_NUMBER() OVER "
-                          f"(PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b {newest}) AS ranked "
-                          "WHERE n BETWEEN ? AND ? ORDER BY device, n", (first, last))
+        ranked = ("SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, ROW_NUMBER() OVER (PARTITION BY t.device "
+                  f"ORDER BY t.ts DESC, t.seq DESC) AS n FROM b {newest}) AS ranked WHERE n BETWEEN ? AND ? ORDER BY "
+                  "device, n")
+        if devices is None:
+            return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(device) AS (SELECT d.device FROM d WHERE "
+                              f"d.device IS NOT NULL) {ranked}", (first, last))
+        names, rows = sorted(set(devices)), []
+        for i in range(0, len(names), 200):
+            part = names[i:i + 200]
+            rows += self._rows(f"WITH b(device) AS (VALUES {', '.join(['(?)'] * len(part))}) {ranked}",
+                               (*part, first, last))
+        return rows
 
     def decisions(self, device: str | None = None, limit: int = 100,
                   kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:

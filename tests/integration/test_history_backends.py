@@ -138,6 +138,7 @@ def test_a_device_is_online_or_offline_by_its_own_order_not_by_when_a_share_work
         "d1": ("offline", 10, {"sha256": "b"}), "d2": ("offline", 12, {"sha256": "b"}),
         "d3": ("online", 13, {"sha256": "b"}), "d4": ("online", 13, {"sha256": "b"}), "d5": ("online", 1, None),
         "d6": ("online", 2, {"sha256": "new"}), "d7": ("offline", 1, {"sha256": "b"})}
+    assert history.latest_status(["d1", "d6", "nope"]) == {d: latest[d] for d in ("d1", "d6")}  # the monitor's ask
 
 
 def test_sequence_numbers_past_32_bits_are_kept(history):
