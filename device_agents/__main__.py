@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace) -> None:
 
     cfg = load_agent_config(args.config)
     check_own_code(cfg.root, cfg.verify_code)
-    cfg.password()
+    cfg.password(str(args.config))
     try:
         from device_agents.service import run_agent
     except ImportError as exc:

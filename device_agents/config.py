@@ -5,6 +5,7 @@ the keys of its power-sensor plugins.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import NoReturn
 
@@ -12,7 +13,7 @@ import yaml
 
 from device_agents.disk import read_bounded
 from device_agents.power import SENSORS
-from edgekit_protocol.config import AgentConfig, Node, build, closest
+from edgekit_protocol.config import MAX_CA_BYTES, AgentConfig, Node, build, closest
 from edgekit_protocol.errors import ConfigError
 
 
@@ -141,8 +142,8 @@ def load_agent_config(path: Path) -> AgentConfig:
         ConfigError: unreadable file, over :data:`MAX_CONFIG_BYTES`, not UTF-8, bad YAML, nested too deeply, more than :data:`MAX_VALUES` values
             once its aliases are expanded (an alias bomb), a value YAML cannot read, a key given twice, unknown key,
             wrong type, invalid value, an unknown power sensor, or a ``bench.delegate`` no target has or
-            ``bench.delegate_options`` it does not take (:func:`_check_delegate`); the message names the file, line
-            and key.
+            ``bench.delegate_options`` it does not take (:func:`_check_delegate`), or a ``pull.ca_file`` that is no
+            readable PEM bundle (:func:`store_ca_context`); the message names the file, line and key.
     """
     path = Path(path)
     try:
@@ -179,7 +180,39 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: power.sensors: unknown sensor '{bad[0]}'"
                           + (f"; did you mean '{near}'?" if near else f" (known: {', '.join(SENSORS)})"))
     _check_delegate(cfg, tree, path)
+    if cfg.pull.ca_file is not None:  # refused now, not at the first pull of an https:// store, days later
+        pull = tree.value.get("pull")
+        line = pull.key_lines.get("ca_file") if pull is not None else None
+        try:
+            store_ca_context(cfg.pull.ca_file)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}:{line}: {exc}" if line else f"{path}: {exc}") from None
     return cfg
+
+
+def store_ca_context(path: Path) -> ssl.SSLContext:
+    """Return the TLS context that checks an https:// store against the CA bundle at ``path`` (``pull.ca_file``) alone,
+    read here as a regular file, no further than :data:`MAX_CA_BYTES`: never opened by OpenSSL, whose open of a FIFO
+    waited for a writer.
+
+    Raises:
+        ConfigError: it cannot be read, is no regular file (a FIFO), is over :data:`MAX_CA_BYTES`, or holds no PEM
+            certificate; the text names the key and the file and says what to do.
+    """
+    fix = "point pull.ca_file (fleet file or agent.yaml) at the store's CA bundle (PEM) on the device"
+    try:
+        data = read_bounded(Path(path), MAX_CA_BYTES)
+    except OSError as exc:
+        raise ConfigError(f"pull.ca_file {path}: {exc.strerror or exc}; {fix}") from None
+    except ValueError:
+        raise ConfigError(f"pull.ca_file {path}: over the {MAX_CA_BYTES:,} bytes a CA bundle may take; {fix}") from None
+    try:  # empty: no cadata, and create_default_context would trust the system's CAs instead
+        context = ssl.create_default_context(cadata=data.decode("utf-8")) if data.strip() else None
+    except (UnicodeDecodeError, ssl.SSLError):
+        context = None
+    if context is None or not context.cert_store_stats()["x509"]:  # a CRL alone loads: no download could pass
+        raise ConfigError(f"pull.ca_file {path}: not a PEM certificate; {fix}")
+    return context
 
 
 def _check_delegate(cfg: AgentConfig, tree: Node, path: Path) -> None:

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from device_agents.disk import atomic_write, read_head, read_json
+from device_agents.config import store_ca_context
+from device_agents.disk import atomic_write, read_json
 from device_agents.store import is_sha256
 from edgekit_protocol.config import PullConfig
 from edgekit_protocol.desired import (
@@ -42,7 +43,7 @@ from edgekit_protocol.desired import (
     parse_desired,
     reported_body,
 )
-from edgekit_protocol.errors import ConfigError, EdgeKitError, MessageError
+from edgekit_protocol.errors import EdgeKitError, MessageError
 from edgekit_protocol.messages import MAX_PAYLOAD, encode
 
 log = logging.getLogger("edgekit.agent.reconcile")
@@ -413,20 +414,13 @@ class Reconciler:
         """Return the TLS context an https:// store is checked with: ``pull.ca_file``'s, None for the system's.
 
         Raises:
-            ConfigError: ``pull.ca_file`` cannot be read or is no regular file (a FIFO: OpenSSL's open of it waited
-                for a writer, holding every pull); the text names the key and the file.
+            ConfigError: see :func:`device_agents.config.store_ca_context`. Loading agent.yaml checked the file too;
+                read again at each try, as the store may be reached months later: the bundle may have been replaced
+                (a rotated CA), removed or turned into a FIFO since.
         """
         if self.settings.ca_file is None:
             return None
-        import ssl
-
-        path = self.settings.ca_file
-        try:  # a regular file only: OpenSSL's open of a FIFO waited for a writer, holding the download for ever
-            read_head(Path(path), 0)
-        except OSError as exc:
-            raise ConfigError(f"pull.ca_file {path}: {exc.strerror or exc}; point pull.ca_file (fleet file or "
-                              "agent.yaml) at the store's CA bundle (PEM) on the device") from None
-        return ssl.create_default_context(cafile=str(path))
+        return store_ca_context(self.settings.ca_file)
 
     def _failed(self, error: str) -> dict[str, Any]:
         last_try = self.attempt >= self.settings.max_attempts

@@ -66,6 +66,7 @@ class TlsConfig:
 
 
 MAX_PASSWORD_BYTES = 65535  # of broker.password_file: the most an MQTT CONNECT's password field holds
+MAX_CA_BYTES = 1 << 20  # of a CA bundle (broker.tls.ca, pull.ca_file): a system's whole is ~200 KiB; room to spare
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class BrokerConfig:
         ``where`` names the config the settings came from, for the message.
 
         Raises:
-            ConfigError: the file cannot be read, is no regular file (a FIFO: never waited on), holds more than
+            ConfigError: the file cannot be read (missing, a folder, permission denied: the line says to create it or
+                fix the key in ``where``), is no regular file (a FIFO: never waited on), holds more than
                 :data:`MAX_PASSWORD_BYTES` or is not UTF-8 text.
         """
         if self.password_file is None:
@@ -109,7 +111,9 @@ class BrokerConfig:
             return within_limit(read_head(Path(self.password_file).expanduser(), MAX_PASSWORD_BYTES),
                                 MAX_PASSWORD_BYTES, name).decode().strip()
         except OSError as exc:
-            raise ConfigError(f"{name}: {exc.strerror or exc}") from None
+            raise ConfigError(f"{name}: {exc.strerror or exc}; create it holding the broker password alone (`edgekit "
+                              "fleet init` wrote each user's in its secrets/ folder), readable by this user, or fix "
+                              f"broker.password_file in {where or 'the config'}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{name}: not UTF-8 text; give a file holding the password alone") from None
         except ValueError as exc:  # over the limit: the text names the file
@@ -253,13 +257,13 @@ class AgentConfig:
     verify_code: bool = False  # set by the deploy: refuse to start unless running the signed <root>/agent code
     simulated: bool = False  # a virtual device of `edgekit sim`: every record says so
 
-    def password(self) -> str | None:
-        """Return the broker password (see :meth:`BrokerConfig.password`).
+    def password(self, where: str = "") -> str | None:
+        """Return the broker password (see :meth:`BrokerConfig.password`); ``where``: the agent.yaml it came from.
 
         Raises:
             ConfigError: the password file cannot be read.
         """
-        return self.broker.password()
+        return self.broker.password(where)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from edge_kit.fleet.keys import KeyRevoked, revoked_on
 from edge_kit.fleet.ssh import MIN_PYTHON, RESTART_PENDING, DeviceShell
 from edge_kit.profiles import load_profile
 from edgekit_protocol.config import (
+    MAX_CA_BYTES,
     AgentConfig,
     BenchSettings,
     BrokerConfig,
@@ -68,7 +69,6 @@ from edgekit_protocol.labels import clip
 
 STOP_TIMEOUT_S = 30.0
 BROKER_CA = "identity/broker-ca.pem"  # where the deploy puts the broker's CA on the device
-MAX_CA_BYTES = 1 << 20  # of broker.tls.ca: a CA bundle (a system's whole is ~200 KiB) and room to spare
 
 # Each bundle gets a folder of its own, <root>/agent-<sha12>-<pid>, and <root>/agent is a symlink to the
 # current one, switched with one rename: no moment without an agent, and a running agent (whose

@@ -460,6 +460,9 @@ class Monitor:
         self._low_disk: set[str] = set()
         self._drifting: set[str] = set()
         self._offline: set[str] = set()  # devices whose offline alert holds
+        # of the devices the batch being stored holds statuses of, each one's newest status by its own order as the
+        # history holds it (HistoryStore.latest_status): whether it is offline (a status received late is no news)
+        self._status_now: dict[str, dict[str, Any]] = {}
         # device -> its variants (as the alerts table keeps them) breaking its constraints: at most MAX_BREAKING_VARIANTS
         # each (a hostile device signing records with a new variant name each would grow it without bound)
         self._breaking: dict[str, set[str]] = {}
@@ -1057,6 +1060,8 @@ class Monitor:
                 since = {d: self._references_read.get(d, self._references_start) - REFERENCE_LAG_S for d in benched}
                 self._take_references(self.store.reference_accuracies(benched, REFERENCE_VARIANTS, since=since))
                 self._references_read.update(dict.fromkeys(benched, now))
+        statused = {m["device"] for k, m in good if k == "status"}  # rare: at connect, a switch, a stop; one query
+        self._status_now = self.store.latest_status(statused) if statused else {}
         for (kind, msg), at in zip(good, received):
             if kind in NOT_NEWS_AGAIN and msg["msg_id"] in old:
                 self._recent[msg["msg_id"]] = None
@@ -1481,10 +1486,13 @@ class Monitor:
                 self._low_disk.discard(device)
                 self.store.close_alert(device, "low_disk")
         if kind == "status":  # offline until its status says otherwise (an agent says online when it connects)
-            if msg["state"] == "offline" and device not in self._offline:
+            # by the device's newest status in its own order, as stored: one received late (an older connection's, or
+            # stamped by a --share peer after the will) neither revives a device nor takes it offline
+            state = self._status_now.get(device, msg).get("state")
+            if state == "offline" and device not in self._offline:
                 self._offline.add(device)
                 self._alert_held(Alert(device, "offline", f"{device} went offline"), "offline")
-            elif msg["state"] != "offline" and (device in self._offline or self.share is not None):
+            elif state != "offline" and (device in self._offline or self.share is not None):
                 # with --share a peer may have opened it since this worker's last sync (its offline came to the peer,
                 # this status here): closed all the same, an UPDATE a status message (rare: at connect, activation)
                 self._offline.discard(device)

@@ -91,6 +91,11 @@ REFERENCE_SCAN = 32
 #: an agent that numbers in epochs is matched by its numbering instead, however late (a gap recorded since its epoch's
 #: first message was received, before the next restart).
 LATE_S = 86400.0
+#: A device's newest statuses by receive time among which :meth:`HistoryStore.latest_status` takes the newest by the
+#: device's own order (:func:`newer_status`): a status received after a newer one (a ``--share`` peer's stamp a little
+#: out of order, an older connection's status handed over late, a will published when the next connection took the
+#: session over) comes a few statuses late at most; an agent sends one at connect, at a switch and at a clean stop.
+STATUS_ORDER_SCAN = 8
 #: The kinds of alert the ``alerts`` table keeps: every alert the monitor raises about a device, each over an episode
 #: (raised once, cleared when it ends).
 ALERT_KINDS = ("drift", "low_disk", "silent", "over_budget", "offline", "constraints")
@@ -211,6 +216,31 @@ CREATE INDEX IF NOT EXISTS bench_variant ON bench (device, {variant}, ts, seq);
 #: The others: ``fleet selection`` (the fleet model, :data:`edge_kit.selection.fleetmodel.KIND`) and ``live gate``.
 SELECTION_KIND = "selection"
 BATCH_ROWS = 5000  # rows per transaction when a migration fills a new column
+
+
+def newer_status(a: dict[str, Any], b: dict[str, Any], newest_epoch: str | None) -> bool | None:
+    """Return whether status ``a`` is newer than status ``b`` of the same device by the device's own order, None when
+    the device gives none (then receive time decides). Its agent numbers statuses (``seq``) per ``epoch`` and signs
+    each connection's last will when the connection begins, under the ``connection`` all its statuses carry: the will
+    (``offline``) has the lowest number of its connection and is published after all of them, a later connection's
+    statuses are numbered above every status and will of an earlier one. So: of two of one connection, an ``offline``
+    numbered lower is its will, the newer; of two of different connections of one epoch, the higher-numbered; of two
+    epochs, the one that is ``newest_epoch`` (the device's newest, ``seq_epochs``). None where either lacks a ``seq``
+    or a ``connection`` (an older agent), they carry the same number, two connections' carry no epoch (an agent
+    without epochs numbers from 1 again when re-flashed), only one carries an epoch or neither epoch is the newest.
+    Raises nothing."""
+    epoch_a, epoch_b = message_epoch(a), message_epoch(b)
+    if epoch_a != epoch_b:  # an agent without epochs before or after one with: no order
+        known = None not in (epoch_a, epoch_b, newest_epoch) and newest_epoch in (epoch_a, epoch_b)
+        return epoch_a == newest_epoch if known else None
+    seq_a, seq_b = a.get("seq"), b.get("seq")
+    conn_a, conn_b = a.get("connection"), b.get("connection")
+    if not (type(seq_a) is type(seq_b) is int and isinstance(conn_a, str) and isinstance(conn_b, str)) or seq_a == seq_b:
+        return None
+    if conn_a != conn_b:  # without an epoch, an agent re-flashed numbers from 1 again: its numbers tell nothing
+        return seq_a > seq_b if epoch_a is not None else None
+    lower = a if seq_a < seq_b else b  # of one connection: a lower-numbered offline is its will, published last
+    return (lower is a) == (lower.get("state") == "offline")
 
 
 def topic_device(name: str) -> str | None:
@@ -1304,8 +1334,13 @@ class HistoryStore(abc.ABC):
                     out[key] = float(value)
         return out
 
-    def latest_status(self) -> dict[str, dict[str, Any]]:
-        """Return the newest status message per device (by receive time). When that is an ``offline`` one, its
+    def latest_status(self, devices: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Return the newest status message per device (of ``devices``, or every device's; the monitor asks for those a
+        batch held statuses of): of its :data:`STATUS_ORDER_SCAN` newest by receive time, the newest by the device's own
+        order (:func:`newer_status`: epoch, connection, then ``seq``), by receive time where the device gives none. A
+        status a ``--share`` peer stamped after the device's last will, or one of an older connection received late,
+        no longer makes a device whose will said offline look online; a newer connection's status received before the
+        older one's will still shows it online. When the newest is an ``offline`` one, its
         ``current`` is the one of the newest status (by ``seq``) of the same agent ``connection``: a last will
         the broker published was signed when the agent connected, and names the model of that moment, not one
         it switched to since (looked for among the device's statuses numbered after the will's, of its numbering, its
@@ -1318,10 +1353,21 @@ class HistoryStore(abc.ABC):
         device's may interleave: hence the newest by ``seq`` of those read) comes between; an agent sends a status at
         connect, at a switch and at a clean stop, so 100 is many reconnects, as for :meth:`last_known_models`. Read by
         number, down ``status (device, seq)``, a re-imaged device's walk passed every status of its older numbering
-        above the will's. One query, and one more per 200 devices whose newest status is such a will; each read
-        through the ``(device, ts)`` index (:meth:`_latest`, :meth:`_newest_join`): never all of a device's statuses.
+        above the will's. One query, one more per 200 devices whose newest statuses are of two epochs (for the newest,
+        :meth:`device_epochs`) and one per 200 devices whose newest status is such a will; each read through the
+        ``(device, ts)`` index (:meth:`_newest_rows`, :meth:`_newest_join`): never all of a device's statuses.
         Raises HistoryError."""
-        newest = self._latest("status")
+        read: dict[str, list[dict[str, Any]]] = {}
+        for device, body, _ts in self._newest_rows("status", 1, STATUS_ORDER_SCAN, devices):  # newest first, by device
+            read.setdefault(device, []).append(json.loads(body))
+        epochs = self.device_epochs([d for d, ms in read.items() if len({message_epoch(m) for m in ms} - {None}) > 1])
+        newest = {}
+        for device, statuses in read.items():
+            best = statuses[0]
+            for m in statuses[1:]:  # received earlier: newer only by the device's own order
+                if newer_status(m, best, epochs.get(device)):
+                    best = m
+            newest[device] = best
         wills = {device: msg for device, msg in newest.items()
                  if msg.get("state") == "offline" and isinstance(msg.get("connection"), str)
                  and isinstance(msg.get("seq"), int)}  # not online (its own word, fresh), and says its connection
@@ -1528,18 +1574,27 @@ class HistoryStore(abc.ABC):
         return (f"d(device) AS (SELECT MIN(device) FROM {table} UNION ALL SELECT (SELECT MIN(x.device) FROM {table} x "
                 "WHERE x.device > d.device) FROM d WHERE d.device IS NOT NULL)")
 
-    def _newest_rows(self, table: str, first: int, last: int) -> list[tuple[str, str, float]]:
+    def _newest_rows(self, table: str, first: int, last: int,
+                     devices: Iterable[str] | None = None) -> list[tuple[str, str, float]]:
         """Return ``(device, body, ts)`` of the ``first``-th to ``last``-th newest rows (by receive time, then ``seq``;
-        1: the newest) of every device of ``table`` (a record kind), by device, newest first. One query: each device
-        found by :meth:`_each_device`, then its ``last`` newest rows through its ``(device, ts)`` index
-        (:meth:`_newest_join`): the work grows with the devices and ``last``, not with the history's length (a
-        one-device history's too). Raises HistoryError."""
+        1: the newest) of every device of ``table`` (a record kind), or of ``devices`` alone, by device, newest first.
+        One query (one per 200 of ``devices``): each device found by :meth:`_each_device` (or given), then its ``last``
+        newest rows through its ``(device, ts)`` index (:meth:`_newest_join`): the work grows with the devices and ``last``,
+        not with the history's length (a one-device history's too). Raises HistoryError."""
         # a row without a receive time (hand-made) is ranked by neither database: PostgreSQL sorts it first, SQLite last
         newest = self._newest_join(table, "{0}.device = b.device", last)
-        return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(device) AS (SELECT d.device FROM d WHERE d.device "
-                          "IS NOT NULL) SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, ROW_NUMBER() OVER "
-                          f"(PARTITION BY t.device ORDER BY t.ts DESC, t.seq DESC) AS n FROM b {newest}) AS ranked "
-                          "WHERE n BETWEEN ? AND ? ORDER BY device, n", (first, last))
+        ranked = ("SELECT device, body, ts FROM (SELECT t.device, t.body, t.ts, ROW_NUMBER() OVER (PARTITION BY t.device "
+                  f"ORDER BY t.ts DESC, t.seq DESC) AS n FROM b {newest}) AS ranked WHERE n BETWEEN ? AND ? ORDER BY "
+                  "device, n")
+        if devices is None:
+            return self._rows(f"WITH RECURSIVE {self._each_device(table)}, b(device) AS (SELECT d.device FROM d WHERE "
+                              f"d.device IS NOT NULL) {ranked}", (first, last))
+        names, rows = sorted(set(devices)), []
+        for i in range(0, len(names), 200):
+            part = names[i:i + 200]
+            rows += self._rows(f"WITH b(device) AS (VALUES {', '.join(['(?)'] * len(part))}) {ranked}",
+                               (*part, first, last))
+        return rows
 
     def decisions(self, device: str | None = None, limit: int = 100,
                   kinds: tuple[str, ...] | None = None) -> list[dict[str, Any]]:

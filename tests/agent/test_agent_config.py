@@ -129,6 +129,83 @@ def test_the_agent_refuses_to_start_on_a_delegate_no_target_has_in_one_line(offl
     assert caught.value.code == 2 and err == f"edgekit-agent: error: {tmp_path}/{why}\n"
 
 
+@pytest.mark.parametrize("kind, why", [("missing", "No such file or directory"), ("folder", "Is a directory")])
+def test_a_password_file_that_cannot_be_read_stops_the_agent_in_one_line_saying_what_to_do(tmp_path, capsys, kind,
+                                                                                          why):
+    """`edgekit-agent run` on a broker.password_file that is missing (or a folder) said only "broker.password_file
+    /x: No such file or directory": not which agent.yaml, nor what to do. Now the line names both, exit 2."""
+    from device_agents.__main__ import main
+
+    pw = tmp_path / "mqtt.pass"
+    if kind == "folder":
+        pw.mkdir()
+    config = write(tmp_path, "agent.yaml", f"device: pi-1\nfleet: f\nroot: {tmp_path / 'root'}\n"
+                                           f"broker: {{host: 127.0.0.1, port: 1, username: pi-1, password_file: {pw}}}\n")
+    with pytest.raises(SystemExit) as caught:
+        main(["run", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err == (
+        f"edgekit-agent: error: {config}: broker.password_file {pw}: {why}; create it holding the broker password "
+        "alone (`edgekit fleet init` wrote each user's in its secrets/ folder), readable by this user, or fix "
+        f"broker.password_file in {config}\n")
+
+
+FIX_CA = "point pull.ca_file (fleet file or agent.yaml) at the store's CA bundle (PEM) on the device"
+
+
+@pytest.mark.parametrize("kind, why", [("missing", "No such file or directory"), ("fifo", "not a regular file"),
+                                       ("folder", "Is a directory"),
+                                       ("huge", "over the 1,048,576 bytes a CA bundle may take"),
+                                       ("text", "not a PEM certificate"), ("empty", "not a PEM certificate"),
+                                       ("binary", "not a PEM certificate")])
+def test_a_pull_ca_file_that_is_no_readable_pem_bundle_is_refused_when_agent_yaml_loads(tmp_path, unblocked, kind, why):
+    """pull.ca_file was checked only when a pull of an https:// store started (days later, as a failed try): an agent
+    whose CA bundle was missing, a FIFO, huge or no PEM loaded and ran. Now loading agent.yaml refuses it in one line
+    naming the file, line and key; a real CA bundle loads, and is the one the pull then trusts."""
+    import os
+
+    from device_agents.config import store_ca_context
+    from edge_kit.fleet.broker_setup import make_tls
+
+    ca = tmp_path / "store-ca.pem"
+    if kind == "fifo":
+        os.mkfifo(ca, 0o600)
+    elif kind == "folder":
+        ca.mkdir()
+    elif kind == "huge":
+        with open(ca, "wb") as f:
+            f.truncate((1 << 20) + 1)
+    elif kind != "missing":
+        ca.write_bytes({"text": b"not a certificate\n", "empty": b"", "binary": b"\xff\xfe\x00"}[kind])
+    config = write(tmp_path, "agent.yaml", f"device: pi-1\nfleet: f\npull:\n  retry_s: 5\n  ca_file: {ca}\n")
+    caught = unblocked(lambda: load_agent_config(config), ca, 30, "loading agent.yaml's pull.ca_file")
+    assert isinstance(caught, ConfigError), caught
+    assert str(caught) == f"{config}:5: pull.ca_file {ca}: {why}; {FIX_CA}"
+    if kind == "missing":  # the real thing: a CA bundle make_tls wrote loads
+        ca.write_bytes(make_tls(tmp_path / "tls", ["127.0.0.1"]).ca.read_bytes())
+        assert load_agent_config(config).pull.ca_file == ca
+        assert store_ca_context(ca).cert_store_stats()["x509_ca"] == 1  # that CA alone, not the system's
+
+
+@pytest.mark.parametrize("command", ["run", "supervise", "unit", "activate"])
+def test_every_command_that_loads_agent_yaml_refuses_a_missing_pull_ca_file_in_one_line(tmp_path, capsys, command):
+    """run, supervise, unit and activate load agent.yaml: each refuses a pull.ca_file that is not there, exit 2, before
+    anything starts (they took it, and the first pull of an https:// store failed on it)."""
+    from device_agents.__main__ import main
+
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    ca = tmp_path / "nope.pem"
+    config = write(root, "agent.yaml", f"device: pi-1\nfleet: f\nroot: {root}\npull: {{ca_file: {ca}}}\n")
+    args = {"run": ["--config", str(config)], "supervise": ["--config", str(config), "--pidfile", str(tmp_path / "p")],
+            "unit": ["--config", str(config)], "activate": ["--variant", "int8", "--root", str(root)]}[command]
+    with pytest.raises(SystemExit) as caught:
+        main([command, *args])
+    captured = capsys.readouterr()
+    assert caught.value.code == 2 and captured.out == ""
+    assert captured.err == f"edgekit-agent: error: {config}:4: pull.ca_file {ca}: No such file or directory; {FIX_CA}\n"
+
+
 @pytest.mark.parametrize("args", [["state"], ["rollback"], ["activate", "--variant", "int8"], ["bench", "nope.tflite"]])
 def test_agent_commands_take_json_and_then_say_an_error_in_json_too(tmp_path, capsys, args):
     """`edgekit-agent state --json` was a usage error (only bench took --json), and `bench --json` said its errors

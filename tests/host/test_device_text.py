@@ -610,6 +610,30 @@ def test_a_status_an_earlier_monitor_run_stored_is_not_alerted_again(fleet_file,
     assert [a.text for a in later.alerts] == ["d1 went offline"]
 
 
+def test_a_status_received_late_neither_revives_a_device_nor_ends_its_offline_episode(fleet_file, tmp_path):
+    """The monitor opened and closed a device's offline episode by each status as it came: an older connection's status
+    received after the will (one a --share peer stamped late, or handed over late) closed the episode of a device
+    whose last will said offline. Now it goes by the device's newest status in its own order, as stored: only a newer
+    connection's status ends the episode."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
+
+    def keep(seq, state, connection):  # connection c1: will 10, statuses 11 and 12; c2: will 13, status 14
+        word = messages.envelope("status", "sim", "d1", seq, {"state": state, "connection": connection}, epoch="e1")
+        mon._keep([("status", word)], [messages.encode(word)], [time.time()])
+        return [r["cleared_at"] is None for r in store.alerts() if r["kind"] == "offline"]
+
+    assert keep(10, "offline", "c1") == [True]  # c1's will: offline
+    assert keep(11, "online", "c1") == [True]  # c1's status, stored after its will: still offline
+    assert keep(14, "online", "c2") == [False]  # c2 connected: the episode ends
+    assert keep(13, "offline", "c2") == [True, False]  # c2's will: a new episode
+    assert keep(12, "online", "c1") == [True, False]  # an older connection's status, late: no news
+    assert [a.text for a in mon.alerts] == ["d1 went offline", "d1 went offline"]
+
+
 def test_new_non_finite_answers_alert_once_with_or_without_a_fidelity_bound_and_not_again_after_a_restart(
         fleet_file, tmp_path):
     """``non_finite`` counts since the agent started: a device whose model once answered NaN stayed 'drifting'

@@ -223,7 +223,9 @@ def test_a_missing_broker_password_file_names_the_fleet_file(tmp_path, run_cli):
                           "devices: [{name: a, host: h, user: u, profile: rpi4}]\n")
     with pytest.raises(ConfigError) as caught:
         load_fleet(fleet_file).broker_password()
-    assert str(caught.value) == f"{fleet_file}: broker.password_file {tmp_path}/nope.pass: No such file or directory"
+    assert str(caught.value) == (f"{fleet_file}: broker.password_file {tmp_path}/nope.pass: No such file or directory; "
+                                 "create it holding the broker password alone (`edgekit fleet init` wrote each user's in "
+                                 f"its secrets/ folder), readable by this user, or fix broker.password_file in {fleet_file}")
     code, out, err = run_cli("bench", "--fleet", fleet_file, "--device", "a", "--json")
     assert code == 2 and json.loads(out)["error"] == str(caught.value)
 

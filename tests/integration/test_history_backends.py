@@ -101,6 +101,46 @@ def test_rows_are_ordered_by_the_receivers_clock_not_the_senders(history):
     assert history.latest_status()["d3"]["state"] == "offline" and history.latest_status()["d3"]["current"] == {"sha256": "new"}
 
 
+def _status(device, seq, state, connection, sha, epoch="e1"):
+    return ("status", messages.envelope("status", "f", device, seq, {"state": state, "connection": connection,
+                                                                     "current": {"sha256": sha}}, epoch=epoch))
+
+
+def test_a_device_is_online_or_offline_by_its_own_order_not_by_when_a_share_worker_stamped_its_status(history):
+    """The newest status by receive time decided online or offline: a status a --share peer stamped after the will of
+    its own connection (d1), or one of an older connection received after the newer connection's will (d2), showed
+    online a device whose last will said offline. Now the device's own order decides (connection, then seq; its
+    newest epoch): those stay offline, naming their connection's last model; a newer connection's status received
+    before (d3) or after (d4) the older connection's will shows online; without connection or seq (an older agent,
+    d5), or two connections' statuses without an epoch (d7: re-flashed, it numbers from 1 again), receive time still
+    decides; a re-imaged device's new epoch (d6) outranks its old numbering's higher seq."""
+    now = time.time()
+    # connection c1: will seq 10 (signed at connect), online 11; c2: will 12 (signed when c1 ended), online 13
+    history.add_many([_status("d1", 10, "offline", "c1", "a"), _status("d1", 11, "online", "c1", "b")],
+                     received=[now, now + 1])  # the peer holding the online status stamped it last
+    history.add_many([_status("d2", 13, "online", "c2", "b"), _status("d2", 12, "offline", "c2", "b"),
+                      _status("d2", 11, "online", "c1", "a")], received=[now, now + 1, now + 2])
+    history.add_many([_status("d3", 13, "online", "c2", "b"), _status("d3", 10, "offline", "c1", "a")],
+                     received=[now, now + 1])  # c1's will published when c2 took the session over
+    history.add_many([_status("d4", 10, "offline", "c1", "a"), _status("d4", 13, "online", "c2", "b")],
+                     received=[now, now + 1])
+    history.add_many([("status", messages.envelope("status", "f", "d5", seq, {"state": state}))
+                      for seq, state in ((2, "offline"), (1, "online"))], received=[now, now + 1])
+    history.add_epoch("d6", "e1", 1, seen=now - 60)
+    history.add_epoch("d6", "e2", 1, seen=now - 30)
+    history.add_many([_status("d6", 2, "online", "k2", "new", epoch="e2"), _status("d6", 50, "offline", "k1", "old",
+                                                                                   epoch="e1")],
+                     received=[now, now + 1])  # the old numbering's will, received late
+    history.add_many([_status("d7", 32, "online", "c1", "a", epoch=None), _status("d7", 1, "offline", "c2", "b", epoch=None)],
+                     received=[now, now + 1])
+    latest = history.latest_status()
+    assert {d: (m["state"], m["seq"], m.get("current")) for d, m in latest.items()} == {
+        "d1": ("offline", 10, {"sha256": "b"}), "d2": ("offline", 12, {"sha256": "b"}),
+        "d3": ("online", 13, {"sha256": "b"}), "d4": ("online", 13, {"sha256": "b"}), "d5": ("online", 1, None),
+        "d6": ("online", 2, {"sha256": "new"}), "d7": ("offline", 1, {"sha256": "b"})}
+    assert history.latest_status(["d1", "d6", "nope"]) == {d: latest[d] for d in ("d1", "d6")}  # the monitor's ask
+
+
 def test_sequence_numbers_past_32_bits_are_kept(history):
     """A device's persisted seq only grows: 64 bits on both backends."""
     history.add("bench", bench("d1", "s1", 1.0, 2**40))

@@ -18,6 +18,8 @@ from edge_kit.telemetry.store import (
     LATE_S,
     SCHEMA_VERSION,
     SEQ_KINDS,
+    STATUS_ORDER_SCAN,
+    newer_status,
     open_history,
 )
 from edgekit_protocol import messages
@@ -713,10 +715,6 @@ def test_a_last_will_numbered_at_the_top_of_the_range_leaves_every_devices_statu
 # The queries the newest-per-device reads ran before the skip scans (3f5c8ac^): the reference their answers are held to.
 OLD_LATEST = ("SELECT t.body FROM {table} t JOIN (SELECT device, MAX(ts) AS ts FROM {table} GROUP BY device) l "
               "ON t.device = l.device AND t.ts = l.ts ORDER BY t.seq")
-OLD_LATER = ("SELECT body FROM (SELECT s.body, s.seq, ROW_NUMBER() OVER (PARTITION BY s.device ORDER BY s.seq DESC) AS n "
-             "FROM status s JOIN (SELECT t.device, MAX(t.seq) AS seq FROM status t JOIN (SELECT device, MAX(ts) AS ts "
-             "FROM status GROUP BY device) l ON t.device = l.device AND t.ts = l.ts GROUP BY t.device) w ON s.device = "
-             "w.device AND s.seq > w.seq) AS later WHERE n <= 100 ORDER BY seq DESC")
 OLD_RANKED = ("SELECT device, body, ts FROM (SELECT device, body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device ORDER "
               "BY ts DESC, seq DESC) AS n FROM status) AS ranked WHERE n BETWEEN ? AND ? ORDER BY device, n")
 OLD_BENCH = ("SELECT body FROM (SELECT body, ts, seq, ROW_NUMBER() OVER (PARTITION BY device, sha256 ORDER BY ts DESC, "
@@ -734,15 +732,22 @@ def _old_answers(history) -> dict:
     def latest(table):
         return {m["device"]: m for m in (json.loads(b) for (b,) in history._rows(OLD_LATEST.format(table=table)))}
 
-    status = latest("status")
-    wills = {d: m for d, m in status.items() if m.get("state") == "offline" and isinstance(m.get("connection"), str)
-             and isinstance(m.get("seq"), int)}
-    found: set[str] = set()
-    for m in (json.loads(b) for (b,) in (history._rows(OLD_LATER) if wills else ())):
-        will = wills.get(m["device"])
-        if will is not None and m["device"] not in found and m.get("connection") == will["connection"]:
-            status[m["device"]] = {**will, "current": m.get("current")}
-            found.add(m["device"])
+    # each device's newest status by its own order (newer_status: these have no epochs) among its newest by receive
+    # time as the old ranking found them, a last will's model its connection's highest-numbered status's after it
+    ranked: dict = {}
+    for device, b, _ts in history._rows(OLD_RANKED, (1, 100)):
+        ranked.setdefault(device, []).append(json.loads(b))
+    status = {}
+    for device, rows in ranked.items():
+        best = rows[0]
+        for m in rows[1:STATUS_ORDER_SCAN]:
+            best = m if newer_status(m, best, None) else best
+        if best.get("state") == "offline" and isinstance(best.get("connection"), str) and isinstance(best.get("seq"), int):
+            later = [m for m in rows if isinstance(m.get("seq"), int) and m["seq"] > best["seq"]
+                     and m.get("connection") == best["connection"]]
+            if later:
+                best = {**best, "current": max(later, key=lambda m: m["seq"]).get("current")}
+        status[device] = best
     bench: dict = {}
     for device in (None, *ODD_DEVICES[:3]):
         where, args = history._where(device, "sha256", None)
@@ -786,7 +791,8 @@ def test_the_newest_records_per_device_are_the_ones_the_old_grouping_queries_fou
     rows: on random small histories of odd device names, with receive times shared by several records (the newest is
     then the highest ``seq``), records without a ``seq`` (a hand-made or old row), devices whose records are all old,
     last wills, decisions without a kind, every answer is the old queries' (the references above), on both databases
-    (PostgreSQL refused the newest 0 bench records: a negative OFFSET)."""
+    (PostgreSQL refused the newest 0 bench records: a negative OFFSET). A device's status is the newest by its own
+    order among the statuses the old ranking found newest (:func:`newer_status`, held to its meaning elsewhere)."""
     import random
 
     rng = random.Random(seed)

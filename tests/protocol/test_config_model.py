@@ -67,7 +67,9 @@ def test_a_password_file_that_is_a_fifo_or_too_big_is_one_line_naming_it(tmp_pat
             f.truncate(65536)
     caught = unblocked(lambda: BrokerConfig(password_file=path).password("agent.yaml"), path, 30,
                        "reading broker.password_file")
-    why = "not a regular file" if kind == "fifo" else "over the 65,535 bytes such a file may take"
+    why = ("not a regular file; create it holding the broker password alone (`edgekit fleet init` wrote each user's in "
+           "its secrets/ folder), readable by this user, or fix broker.password_file in agent.yaml") if kind == "fifo" \
+        else "over the 65,535 bytes such a file may take"
     assert isinstance(caught, ConfigError), caught
     assert str(caught) == f"agent.yaml: broker.password_file {path}: {why}"
 
