@@ -642,7 +642,11 @@ class Agent:
         the serving API's interpreters closed when they hold that accelerator and it opens for one process at a time
         (:meth:`Server.paused_for`: an Edge TPU).
         Requests wait meanwhile, 20 s at most (``PAUSE_WAIT_S``, then told it is paused). ``settings`` None: no child
-        runs. Yields nothing; raises what the block raises."""
+        runs. Yields nothing; raises what the block raises.
+
+        Raises:
+            DeviceError: serving is paused already for another process's child, which holds that Edge TPU (named).
+        """
         if self.server is None or settings is None:
             yield
             return

@@ -157,6 +157,7 @@ class _Served:
         self.lock = threading.Lock()  # the counters above, updated from every connection's thread
         self.broken: str | None = None  # why its interpreters did not load again after a pause (each request told)
         self.paused: tuple[float, str] | None = None  # while released(): since when (time.monotonic) and why
+        self.pauser: int | None = None  # while released(): the thread that paused it (its nested pauses are its own)
         self._head: tuple[Any, bytes, bytes] | None = None  # (outputs' description, encoded answer start)
 
     def _load(self) -> list[ModelRunner]:
@@ -183,6 +184,7 @@ class _Served:
         what the block raises."""
         with self._run_lock:  # one worker: its requests wait on this lock; several: on the pool, emptied here
             self.paused = (time.monotonic(), why)  # set and cleared holding the lock: one pause's at a time
+            self.pauser = threading.get_ident()
             for _ in range(self.workers):
                 self.pool.get()
             self.single = _Unloaded("paused") if self.workers == 1 else None  # never run: the lock is held
@@ -206,7 +208,7 @@ class _Served:
                     self.single = runners[0]
                 for runner in runners:
                     self.pool.put(runner)
-                self.paused = None
+                self.paused = self.pauser = None
 
     def count(self, took_ns: int | None) -> None:
         """Count one answered request (``took_ns`` its service time) or, with None, one error."""
@@ -474,8 +476,19 @@ class Server:
         """Run the ``with`` block, where a child process opens a model with ``delegate`` and its ``options``, paused
         (:meth:`paused`) when the served model's interpreters hold that accelerator and it opens for one process at a
         time: an Edge TPU (:meth:`EdgeTpu.held`; a USB Coral would fail the child as busy). Yields the paused model
-        (``{"sha256", "variant"}``) or None (nothing held: just the block); raises what the block raises."""
+        (``{"sha256", "variant"}``) or None (nothing held: just the block); raises what the block raises.
+
+        Paused already by this thread (the agent's bench, then its smoke check): just the block.
+
+        Raises:
+            DeviceError: serving is paused already by another thread for another child (another process's pause,
+                :meth:`_hold_pause`), which holds the Edge TPU: this one would fail as busy; the block does not run.
+        """
         served = self.current
+        held = served.paused if served is not None and delegate == EdgeTpu.key else None
+        if held is not None and served.pauser != threading.get_ident():  # EdgeTpu.held() is False, the other holds it
+            raise DeviceError(f"pause: serving is paused already ({held[1]}, for {time.monotonic() - held[0]:.0f} s): "
+                              "retry once that ends")
         if served is None or delegate != EdgeTpu.key or not EdgeTpu.held(options):
             yield None
             return
@@ -488,7 +501,8 @@ class Server:
         (:meth:`paused_for`, ``why`` the request's, with the asking pid), answered ``{"ok": true, "paused": the paused
         model or None}``, and stays so until the connection closes (that process ends it, exits or is killed: the
         kernel closes it), :data:`PAUSE_HOLD_MAX_S` at most. Only the agent's user, or root, may ask: the socket is its
-        group's applications' too (answered why not). Returns when the pause is over; never raises."""
+        group's applications' too (answered why not); serving paused already is answered so, at once (pauses do not
+        nest: the other child holds the Edge TPU). Returns when the pause is over; never raises."""
         asker = peer(conn)
         if asker is None or asker[1] not in (0, os.geteuid()):
             self._answer(conn, {"ok": False, "error": f"pause: only the agent's user (uid {os.geteuid()}) or root may "
@@ -497,15 +511,18 @@ class Server:
             return
         options = header.get("options")
         why = f"{clip(printable(header.get('why') or 'another process asked'), 200)} (pid {asker[0]})"
-        with self.paused_for(str(header.get("delegate")), options if isinstance(options, dict) else None,
-                             why) as paused:
-            if not self._answer(conn, {"ok": True, "paused": paused}) or paused is None:
-                return
-            poller = select.poll()
-            poller.register(conn, select.POLLIN)  # closed (or a byte sent: never asked for): the pause ends
-            if not poller.poll(PAUSE_HOLD_MAX_S * 1000):
-                log.warning("serving API: the pause pid %s asked for ended after %.0f s, its connection still open",
-                            asker[0], PAUSE_HOLD_MAX_S)
+        try:
+            with self.paused_for(str(header.get("delegate")), options if isinstance(options, dict) else None,
+                                 why) as paused:
+                if not self._answer(conn, {"ok": True, "paused": paused}) or paused is None:
+                    return
+                poller = select.poll()
+                poller.register(conn, select.POLLIN)  # closed (or a byte sent: never asked for): the pause ends
+                if not poller.poll(PAUSE_HOLD_MAX_S * 1000):
+                    log.warning("serving API: the pause pid %s asked for ended after %.0f s, its connection still open",
+                                asker[0], PAUSE_HOLD_MAX_S)
+        except DeviceError as exc:  # paused already: the other child holds the Edge TPU
+            self._answer(conn, {"ok": False, "error": str(exc)})
 
     def set_shadow(self, path: Path | None, sha256: str = "", variant: str | None = None, *, share: float = 0.1,
                    max_per_s: float = 5.0, max_load: float | None = None) -> None:

@@ -653,6 +653,57 @@ def test_a_served_model_a_pause_left_unloaded_is_loaded_again_once_the_edge_tpu_
         agent.spool.close()
 
 
+def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resumes_when_the_first_ends(
+        face, tmp_path, monkeypatch, offline_config):
+    """Serving paused for one process (`edgekit-agent activate`), a second pause (another activate, or the agent's
+    own smoke check or bench) found serving's interpreters holding no Edge TPU and was answered that there was nothing
+    to pause: its child then failed as busy on the Coral the first one's child held, and nothing said why. It is
+    refused at once now, naming the pause that holds it, and serving resumes when the first ends."""
+    import time
+
+    import numpy as np
+
+    from device_agents.errors import DeviceError
+    from device_agents.serving import Client, ServingError
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    agent.server.start()
+    try:
+        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(sha)
+        agent.follow_current()
+        x = np.zeros(agent.server.current.inputs[0]["shape"][1:], np.float32)
+        first = Client(agent.store.root, timeout=5)
+        assert first.pause("edgetpu", None, "the first smoke check")["sha256"] == sha and coral.open_here == 0
+        t0 = time.monotonic()
+        with Client(agent.store.root, timeout=5) as second, pytest.raises(ServingError) as caught:
+            second.pause("edgetpu", None, "the second smoke check")
+        assert time.monotonic() - t0 < 2 and coral.open_here == 0
+        assert str(caught.value).startswith("pause: serving is paused already (the first smoke check (pid "
+                                            f"{os.getpid()}), for ")
+        assert str(caught.value).endswith(" s): retry once that ends")
+        other = tmp_path / "other.tflite"
+        other.write_bytes(face.read_bytes() + b"\0")
+        other_sha = agent.store.install(other, variant="edgetpu", model="blazeface").sha256
+        with pytest.raises(DeviceError, match=r"^pause: serving is paused already \(the first smoke check"):
+            agent._activate(other_sha)  # the agent's own smoke check: its child would fail as busy, said why instead
+        assert agent.store.current() == sha
+        first.close()
+        with Client(agent.store.root, timeout=30) as client:
+            client.predict(x)  # resumed: waited for the first's end, then served again
+        assert coral.open_here == 1 and agent.server.current.paused is None
+        settings = agent._settings_for(other_sha, agent.cfg.bench)
+        with agent._accelerator_for_child(settings, f"bench of model {other_sha[:12]}"):  # as a bench: its own, nested
+            agent._loads_in_child(agent.store.verify(other_sha), other_sha, settings)
+            assert coral.open_here == 0
+        assert coral.open_here == 1
+    finally:
+        agent.server.close()
+        agent.spool.close()
+
+
 # A fake USB Coral across processes, installed by sitecustomize in each process the test starts (and their children):
 # one process at a time holds it (a flock on the file EDGEKIT_FAKE_CORAL) while a delegate of that process lives, as
 # LiteRT's hold the Edge TPU; libedgetpu.so.1 loads. The interpreters run on the CPU. With EDGEKIT_FAKE_CORAL_SLOW (a
