@@ -166,6 +166,23 @@ def test_ctrl_c_before_the_manifest_is_written_prints_no_table_and_keeps_the_pre
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dense"]
 
 
+@pytest.mark.parametrize("given", ["soon", "0", "-1", "nan", "inf", ""])
+def test_the_grace_after_ctrl_c_is_the_environments_and_a_bad_one_is_one_line_before_any_worker(monkeypatch, given):
+    """EDGEKIT_INTERRUPT_GRACE_S sets how long a compile has to stop on its own after Ctrl-C (tests shorten it; it
+    had no override); unset, INTERRUPT_GRACE_S. A value that is not a number of seconds above 0 is one line, exit 2,
+    and no worker is started (the model named does not exist: a started one would say so instead)."""
+    from edge_kit.cli import worker
+
+    monkeypatch.delenv(worker.INTERRUPT_GRACE_ENV, raising=False)
+    assert worker.interrupt_grace() == worker.INTERRUPT_GRACE_S
+    monkeypatch.setenv(worker.INTERRUPT_GRACE_ENV, "2.5")
+    assert worker.interrupt_grace() == 2.5
+    monkeypatch.setenv(worker.INTERRUPT_GRACE_ENV, given)
+    assert worker.run_worker(["compile", "nope.keras"]) == (2, (
+        f"$EDGEKIT_INTERRUPT_GRACE_S is {given!r}, not a number of seconds above 0 (how long a compile has to stop on "
+        f"its own after Ctrl-C); set it to one, or unset it for {worker.INTERRUPT_GRACE_S:g}"))
+
+
 class _CtrlCMidWrite:
     """stdout whose write sends a real SIGINT to this process once half of a long text is written (a Ctrl-C landing
     while the JSON goes out, as when the reader's pipe is full), then writes the rest."""
