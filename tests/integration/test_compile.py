@@ -159,27 +159,28 @@ def test_edgetpu_without_compiler_is_not_built_and_says_why(compiled):
     assert "gpu" not in manifest.artifact("fp16").accelerators
 
 
-def test_compile_json_and_table(digits_files, tmp_path, run_cli):
-    code, out, err = run_cli("compile", digits_files.model, "-p", "coral-usb", "--calib", digits_files.calib,
-                             "--out", tmp_path, "--json")
-    assert code == 0, err
-    data = json.loads(out)
-    assert data["schema"] == "edgekit.manifest/2"
-    assert {a["id"]: a["status"] for a in data["artifacts"]} == {
-        "fp32": "built", "int8": "built", "int8-pruned-ch50": "built", "edgetpu": "not-built"}
-    assert data["artifacts"][0]["accuracy"]["method"] == "not measured: no --eval data"
-    assert "key_id" not in data and "sig" not in data  # unsigned without --sign-key
+def test_compile_json_and_table(digits_files, tmp_path, run_cli, capsys):
+    """One compile (each takes a while) seen both ways: the table it prints, then its manifest as --json prints it
+    (the function the command calls for either; an unsigned --json compile: the dynamic-dimensions test below)."""
     from device_agents.identity import Signer
+    from edge_kit.cli.compile import _print_result
     from edge_kit.manifest import ArtifactTrust, read_manifest
 
     signer = Signer.generate()
     signer.save(tmp_path / "release.key")
-    code, out, _ = run_cli("compile", digits_files.model, "-p", "coral-usb", "--calib", digits_files.calib,
-                           "--out", tmp_path, "--sign-key", tmp_path / "release.key")
-    assert code == 0 and "int8-pruned-ch50" in out and "edgetpu_compiler not found" in out
+    code, out, err = run_cli("compile", digits_files.model, "-p", "coral-usb", "--calib", digits_files.calib,
+                             "--out", tmp_path, "--sign-key", tmp_path / "release.key")
+    assert code == 0 and "int8-pruned-ch50" in out and "edgetpu_compiler not found" in out, err
     assert f"signed by key {signer.key_id}" in out
     trusted = read_manifest(tmp_path / "digits", ArtifactTrust((signer.public,), required=True))
     assert trusted.signature == f"signed by key {signer.key_id} (trusted)"
+    _print_result(trusted, tmp_path / "digits", True, signer)
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema"] == "edgekit.manifest/2"
+    assert {a["id"]: a["status"] for a in data["artifacts"]} == {
+        "fp32": "built", "int8": "built", "int8-pruned-ch50": "built", "edgetpu": "not-built"}
+    assert data["artifacts"][0]["accuracy"]["method"] == "not measured: no --eval data"
+    assert data["key_id"] == signer.key_id and data["sig"]  # signed as written
 
 
 def test_missing_calibration_leaves_int8_variants_not_built(digits_files, tmp_path, run_cli):
@@ -264,6 +265,7 @@ def test_a_tflite_with_dynamic_dimensions_is_pinned_by_input_shape(dynamic_tflit
     code, out, err = run_cli("compile", dynamic_tflite, "-p", "rpi4", "--calib", tmp_path / "calib.npz",
                              "--input-shape", "image=1x32x32x3", "--out", tmp_path / "o", "--json")
     assert code == 0, err
+    assert "key_id" not in json.loads(out) and "sig" not in json.loads(out)  # unsigned without --sign-key
     manifest = read_manifest(tmp_path / "o" / "dyn")
     assert manifest.model["inputs"] == {"image": [32, 32, 3]}
     built = {a.id: a for a in manifest.artifacts if a.status == "built"}
