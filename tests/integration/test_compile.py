@@ -19,11 +19,13 @@ THREE = ["rpi4", "coral-usb", "jetson-orin-nano"]
 
 @pytest.fixture(scope="module")
 def compiled(digits_files, tmp_path_factory):
-    """The digits model compiled for three profiles that share variants (no edgetpu_compiler on PATH)."""
+    """The digits model compiled for three profiles that share variants (no edgetpu_compiler on PATH); the pruned
+    variants fine-tuned for 1 epoch (their fine-tuning is most of the compile; int8-pruned-ch50 scored 98.6 % top-1
+    after 1, 99.2 % after 2)."""
     out = tmp_path_factory.mktemp("artifacts")
     manifest = compile_model(CompileRequest(
         digits_files.model, [load_profile(n) for n in THREE], out,
-        calib=digits_files.calib, eval=digits_files.eval, train=digits_files.train, epochs=2))
+        calib=digits_files.calib, eval=digits_files.eval, train=digits_files.train, epochs=1))
     return out / "digits", manifest
 
 
@@ -137,7 +139,7 @@ def test_magnitude_pruning_zeroes_weights_and_shrinks_the_download(compiled):
     assert 0.49 <= pruned.sparsity <= 0.51
     assert pruned.macs == int8.macs and pruned.macs_nonzero < 0.55 * int8.macs
     assert pruned.gzip_bytes <= 0.20 * fp32.gzip_bytes
-    assert pruned.fine_tuned["epochs"] == 2
+    assert pruned.fine_tuned["epochs"] == 1  # the request's, not the default 3
 
 
 def test_channel_pruning_cuts_macs_and_bytes(compiled):
