@@ -23,7 +23,8 @@ Ctrl-C reaches the worker from the terminal (same process group) and this proces
 finish cleaning up (exit 130). This process does not ignore SIGINT (an ignored signal is inherited by the
 worker, whose Ctrl-C then did nothing: the compile ran on and replaced the previous result); it notes it, and
 a worker still running :data:`INTERRUPT_GRACE_S` seconds after it (native code running the model, which
-Python cannot interrupt) is stopped as an overdue one is. A SIGTERM sent here is passed on to the worker.
+Python cannot interrupt; :data:`INTERRUPT_GRACE_ENV` sets other seconds) is stopped as an overdue one is. A SIGTERM
+sent here is passed on to the worker.
 """
 
 from __future__ import annotations
@@ -44,12 +45,30 @@ from edge_kit.compiler.watch import LOOP_CAUSE, WORKER_ENV
 POLL_S = 0.5  # how often the notes are read for a deadline
 STOP_GRACE_S = 5.0  # after SIGTERM, how long an overdue worker has before SIGKILL
 INTERRUPT_GRACE_S = 10.0  # after Ctrl-C, how long the worker has to stop on its own before it is stopped
+INTERRUPT_GRACE_ENV = "EDGEKIT_INTERRUPT_GRACE_S"  # seconds in place of INTERRUPT_GRACE_S (tests shorten it)
 
 
 def supervised(argv: list[str]) -> bool:
     """Return True when ``argv`` (``edgekit``'s arguments) is a compile this process should hand to a worker: not
     when it is a worker itself, or runs in-process (tests set :data:`WORKER_ENV` empty)."""
     return bool(argv) and argv[0] == "compile" and WORKER_ENV not in os.environ
+
+
+def interrupt_grace() -> float | str:
+    """Return the seconds a worker has to stop on its own after Ctrl-C: :data:`INTERRUPT_GRACE_ENV` when set, else
+    :data:`INTERRUPT_GRACE_S`; or, when the variable is not a number of seconds above 0, the one line that says so
+    and what to do. Raises nothing."""
+    given = os.environ.get(INTERRUPT_GRACE_ENV)
+    if given is None:
+        return INTERRUPT_GRACE_S
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        return (f"${INTERRUPT_GRACE_ENV} is {given!r}, not a number of seconds above 0 (how long a compile has to stop "
+                f"on its own after Ctrl-C); set it to one, or unset it for {INTERRUPT_GRACE_S:g}")
+    return seconds
 
 
 def _notes(path: Path) -> dict[str, Any]:
@@ -76,13 +95,17 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
         model over the data that does not finish in time) and which step, what to do. Either line says what was
         cleaned up. Ctrl-C: ``(130, None)`` when the worker stopped on its own (it said so), ``(130, line)`` when it
         had to be stopped; ``(0, line)`` when it had to be stopped after its result was written (complete: the line
-        says so, for the caller to print as a note, not an error).
+        says so, for the caller to print as a note, not an error). ``(2, line)``, no worker started, when
+        :data:`INTERRUPT_GRACE_ENV` is not a number of seconds (:func:`interrupt_grace`).
 
     Raises:
         OSError: the worker could not be started.
     """
     from edge_kit.sim.process import stop_process
 
+    grace = interrupt_grace()
+    if isinstance(grace, str):
+        return 2, grace
     scratch = Path(tempfile.mkdtemp(prefix="edgekit-"))  # short: the worker's forkserver puts a socket path in it
     notes = scratch / "notes.jsonl"
     env = {**os.environ, WORKER_ENV: str(notes), "TMPDIR": str(scratch)}
@@ -104,7 +127,7 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
             except subprocess.TimeoutExpired:
                 said = _notes(notes)
                 until = said.get("until")
-                if interrupted and time.monotonic() > interrupted[0] + INTERRUPT_GRACE_S:
+                if interrupted and time.monotonic() > interrupted[0] + grace:
                     stopped_after_interrupt = True
                     stop_process(proc, STOP_GRACE_S)  # SIGTERM, then SIGKILL
                     code = proc.wait()
@@ -127,10 +150,10 @@ def run_worker(argv: list[str]) -> tuple[int, str | None]:
     if stopped_after_interrupt and said.get("published"):  # its result was complete: what it still did is skipped
         _cleaned(said)
         return 0, (f"interrupted once the result was written: {said['published']} is complete (manifest.json and its "
-                   f"variants); the compile did not stop on its own within {INTERRUPT_GRACE_S:g} s of Ctrl-C, so it "
+                   f"variants); the compile did not stop on its own within {grace:g} s of Ctrl-C, so it "
                    "was stopped, skipping what it still had to print")
     if stopped_after_interrupt:
-        return 130, (f"interrupted: {model} did not stop on its own within {INTERRUPT_GRACE_S:g} s of Ctrl-C while "
+        return 130, (f"interrupted: {model} did not stop on its own within {grace:g} s of Ctrl-C while "
                      f"{step!r}, so it was stopped; {_cleaned(said)}")
     if overdue is not None:
         return 2, (f"{model}: {overdue.get('doing') or 'a step'} did not finish within {overdue.get('seconds', 0):g} s "

@@ -614,14 +614,15 @@ def looping_savedmodel(tmp_path_factory):
     return folder
 
 
-def loop_profile(tmp_path):
+def loop_profile(tmp_path, variants=("fp32", "fp16", "dynamic-int8")):
+    """Write rpi4 with only ``variants`` as the profile ``p`` in ``tmp_path``; return its path."""
     import yaml
 
     from edge_kit.profiles import load_profile
 
     profile = tmp_path / "p.yaml"
     profile.write_text(yaml.safe_dump({**load_profile("rpi4").model_dump(mode="json", exclude_none=True),
-                                       "name": "p", "variants": ["fp32", "fp16", "dynamic-int8"]}))
+                                       "name": "p", "variants": list(variants)}))
     return profile
 
 
@@ -692,8 +693,10 @@ def test_a_converter_that_crashes_on_the_model_is_one_line_naming_the_step_not_a
             "in the compiling process (TensorFlow's converter or calibrator, a quantizer) crashed on it: a damaged or "
             "hostile model, or a converter bug; leave that variant out (a profile without it) and compile again; "
             f"nothing was written ({tmp_path / 'o'}, which it made, was removed)")
-    stopped_compile([looping_savedmodel, "-p", "rpi4", "--calib", tmp_path / "near.npz", "--out", tmp_path / "o",
-                     "--timeout", "5"], 300, "edgekit compile still ran after 300 s", said, 3, tmp_path / "o")
+    # int8 and its fp32 base: rpi4's fp16 and dynamic-int8, built before it, add nothing here
+    stopped_compile([looping_savedmodel, "-p", loop_profile(tmp_path, ["fp32", "int8"]), "--calib",
+                     tmp_path / "near.npz", "--out", tmp_path / "o", "--timeout", "5"], 300,
+                    "edgekit compile still ran after 300 s", said, 3, tmp_path / "o")
 
 
 def test_an_int8_calibration_that_loops_is_stopped_at_its_deadline_in_one_line_and_cleaned_up(looping_savedmodel,
@@ -867,13 +870,15 @@ def test_a_keras_config_declaring_a_huge_layer_is_refused_before_tensorflow_buil
     assert not (tmp_path / "o").exists()
 
 
-def _interrupted_compile(digits_files, out: Path, to_group: bool) -> tuple[subprocess.CompletedProcess, float]:
-    """Start `edgekit compile` of the digits model into ``out`` in a session of its own, send SIGINT once its worker
-    notes that it builds the first pruned variant (fine-tuned for 60 epochs: long enough to outlast the grace after
-    Ctrl-C): to the whole group, as a terminal's Ctrl-C does, or to the edgekit process alone; return it finished
-    and the seconds from the signal to its end."""
+def _interrupted_compile(digits_files, out: Path, to_group: bool, grace: float | None = None
+                         ) -> tuple[subprocess.CompletedProcess, float]:
+    """Start `edgekit compile` of the digits model into ``out`` in a session of its own (with ``grace`` seconds to
+    stop after Ctrl-C when given, else the default), send SIGINT once its worker notes that it builds the first
+    pruned variant (fine-tuned for 60 epochs: long enough to outlast the grace): to the whole group, as a terminal's
+    Ctrl-C does, or to the edgekit process alone; return it finished and the seconds from the signal to its end."""
     import yaml
 
+    from edge_kit.cli.worker import INTERRUPT_GRACE_ENV
     from edge_kit.profiles import load_profile
 
     scratch = Path(tempfile.mkdtemp(prefix="ek"))  # the edgekit process keeps the worker's notes in a folder here
@@ -885,7 +890,8 @@ def _interrupted_compile(digits_files, out: Path, to_group: bool) -> tuple[subpr
                              "--calib", str(digits_files.calib), "--eval", str(digits_files.eval), "--train",
                              str(digits_files.train), "--epochs", "60", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "TMPDIR": str(scratch)})
+                            env={**os.environ, "TMPDIR": str(scratch),
+                                 **({INTERRUPT_GRACE_ENV: str(grace)} if grace else {})})
     try:
         deadline = time.monotonic() + 180
         while proc.poll() is None and time.monotonic() < deadline and not any(
@@ -915,13 +921,12 @@ def test_ctrl_c_stops_a_compile_at_once_and_writes_nothing(digits_files, tmp_pat
 
 def test_a_compile_worker_that_does_not_stop_after_ctrl_c_is_stopped_and_says_so(digits_files, tmp_path):
     """A worker that goes on after Ctrl-C (native code that does not return to Python, or a SIGINT that reached only
-    the edgekit process, as here) is stopped INTERRUPT_GRACE_S later, in one line, exit 130, nothing written."""
-    from edge_kit.cli.worker import INTERRUPT_GRACE_S
-
+    the edgekit process, as here) is stopped the grace later (EDGEKIT_INTERRUPT_GRACE_S: 3 s here, in place of
+    INTERRUPT_GRACE_S), in one line, exit 130, nothing written."""
     out = tmp_path / "o"
-    proc, took = _interrupted_compile(digits_files, out, to_group=False)
+    proc, took = _interrupted_compile(digits_files, out, to_group=False, grace=3)
     line = one_line_error(proc.returncode, proc.stderr, 130)
     assert line.startswith(f"edgekit: error: interrupted: {digits_files.model} did not stop on its own within "
-                           f"{INTERRUPT_GRACE_S:g} s of Ctrl-C while 'building int8-pruned-50', so it was stopped"), line
+                           "3 s of Ctrl-C while 'building int8-pruned-50', so it was stopped"), line
     assert line.endswith(f", so it was stopped; nothing was written ({out}, which it made, was removed)"), line
-    assert INTERRUPT_GRACE_S <= took < INTERRUPT_GRACE_S + 20 and not (out / "digits").exists()
+    assert 3 <= took < 3 + 20 and not (out / "digits").exists()
