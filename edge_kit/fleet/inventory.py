@@ -84,19 +84,37 @@ def _check_login(user: str) -> str:
     return user
 
 
+def _on_device(path: str, give: str) -> str:
+    """Return ``path`` (on the device) when it is absolute or under the login's home (``~`` or ``~/...``).
+
+    Raises:
+        ValueError: a relative path (the agent runs from ``<root>/agent``, the bundle each deploy replaces, where it
+            would mean another), ``~user`` or control characters; the text says to ``give`` one.
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise ValueError(f"{path!r} holds a control character")
+    if not (path == "~" or path.startswith("~/") or (path.startswith("/") and path.strip("/"))):
+        raise ValueError(f"{path!r}: give {give}")
+    return path
+
+
 def _check_root(root: str) -> str:
     """Return ``root`` when it is an absolute folder or one under the login's home (``~`` or ``~/...``).
 
     Raises:
-        ValueError: a relative folder (the agent runs from ``<root>/agent``, where it would mean
-            another folder), ``~user`` or control characters.
+        ValueError: as :func:`_on_device`.
     """
-    if any(ord(c) < 32 or ord(c) == 127 for c in root):
-        raise ValueError(f"{root!r} holds a control character")
-    if not (root == "~" or root.startswith("~/") or (root.startswith("/") and root.strip("/"))):
-        raise ValueError(f"{root!r}: give an absolute folder (/opt/edgekit) or one under the SSH user's "
-                         "home (~/.edgekit)")
-    return root
+    return _on_device(root, "an absolute folder (/opt/edgekit) or one under the SSH user's home (~/.edgekit)")
+
+
+def _check_device_file(path: str) -> str:
+    """Return ``path`` (a file on the device: ``pull.ca_file``) when it is absolute or under the login's home.
+
+    Raises:
+        ValueError: as :func:`_on_device`.
+    """
+    return _on_device(path, "an absolute path on the device (/etc/edgekit/store-ca.pem) or one under the SSH user's "
+                            "home (~/store-ca.pem)")
 
 
 def _check_python(python: str) -> str:
@@ -114,6 +132,7 @@ def _check_python(python: str) -> str:
 Host = Annotated[str, AfterValidator(check_host)]
 Login = Annotated[str, AfterValidator(_check_login)]
 Root = Annotated[str, AfterValidator(_check_root)]
+DeviceFile = Annotated[str, AfterValidator(_check_device_file)]
 Python = Annotated[str, AfterValidator(_check_python)]
 # what an agent's own config takes (and its telemetry says): receivers refuse more than a day
 TelemetryInterval = Annotated[float, Field(gt=0, le=MAX_TELEMETRY_INTERVAL_S)]
@@ -138,7 +157,7 @@ class Serving(StrictModel):
 class Pulling(StrictModel):
     """Pull rollouts on the device (its ``pull`` config) as the fleet file may set it."""
 
-    ca_file: str | None = None  # a CA bundle on the device, for an https:// store with a private CA
+    ca_file: DeviceFile | None = None  # a CA bundle on the device, for an https:// store with a private CA
     retry_s: float = Field(default=30.0, gt=0, le=3600)
     max_attempts: int = Field(default=6, ge=1, le=100)
 

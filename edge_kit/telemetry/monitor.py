@@ -1211,7 +1211,8 @@ class Monitor:
         but not judged against the new numbers). A new epoch after another is a restart: counted, alerted, and each
         stream's mark starts again at 0 (a new spool numbers from 1, so what the monitor missed of it is still a gap);
         a device's first epoch (an agent that did not send one before) is no restart: its numbering goes on. A query or
-        two an epoch, never one a record. Raises HistoryError."""
+        two an epoch, never one a record; one more when the batch being stored holds statuses of the device: its newest
+        status by its own order (``_status_now``) is read again by the epoch now its newest. Raises HistoryError."""
         device = msg["device"]
         if (device, epoch) in self._stale_epochs:
             return False
@@ -1227,6 +1228,8 @@ class Monitor:
             self._stale_epochs.add((device, epoch))
             return False
         self._epochs[device] = epoch
+        if device in self._status_now:  # its batch's statuses may have been read by its older numbering: read again
+            self._status_now.update(self.store.latest_status([device]))
         if previous is not None:
             self._stale_epochs.add((device, previous))
             for kind in SEQ_KINDS:

@@ -634,6 +634,28 @@ def test_a_status_received_late_neither_revives_a_device_nor_ends_its_offline_ep
     assert [a.text for a in mon.alerts] == ["d1 went offline", "d1 went offline"]
 
 
+def test_a_re_imaged_devices_first_status_ends_its_offline_episode(fleet_file, tmp_path):
+    """The monitor read a batch's statuses by the device's order before it recorded the new epoch the batch's messages
+    carried: a re-imaged device's first status (its new numbering's online, seq 2) was judged older than its old
+    numbering's will, and its offline episode held until its next status (a switch, a reconnect: days). Now a new
+    epoch taken in the batch has the device's status read again."""
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.telemetry.monitor import Monitor
+
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(load_fleet(fleet_file), store, verify_in_child=False)
+
+    def keep(seq, state, connection, epoch):
+        word = messages.envelope("status", "sim", "d1", seq, {"state": state, "connection": connection}, epoch=epoch)
+        mon._keep([("status", word)], [messages.encode(word)], [time.time()])
+        return [r["cleared_at"] is None for r in store.alerts() if r["kind"] == "offline"]
+
+    assert keep(11, "online", "c1", "e1") == [] and keep(10, "offline", "c1", "e1") == [True]  # e1: online, its will
+    assert keep(2, "online", "k1", "e2") == [False]  # re-imaged: its new numbering's first status
+    assert keep(12, "offline", "c1", "e1") == [False]  # e1's clean stop, received late: no news
+    assert store.latest_status()["d1"]["epoch"] == "e2" and "d1 went offline" in [a.text for a in mon.alerts]
+
+
 def test_new_non_finite_answers_alert_once_with_or_without_a_fidelity_bound_and_not_again_after_a_restart(
         fleet_file, tmp_path):
     """``non_finite`` counts since the agent started: a device whose model once answered NaN stayed 'drifting'

@@ -74,6 +74,8 @@ def test_fleet_errors_name_the_line_and_the_key(tmp_path, change, message):
     (("tags: [pi]}", "tags: [pi], root: edgekit}"), "devices[0].root: 'edgekit': give an absolute folder"),
     (("tags: [pi]}", "tags: [pi], root: '~other/x'}"), "devices[0].root: '~other/x': give an absolute folder"),
     (("tags: [pi]}", "tags: [pi], python: 'python3 -c 1'}"), "devices[0].python: 'python3 -c 1': give the device's interpreter"),
+    # the agent would read it from its working folder (<root>/agent: the bundle each deploy replaces)
+    (("tags: [pi]}", "tags: [pi], pull: {ca_file: store-ca.pem}}"), "devices[0].pull.ca_file: 'store-ca.pem': give an absolute"),
     (("tags: [pi]}", "tags: [pi], port: 70000}"), "devices[0].port"),
 ])
 def test_what_reaches_an_ssh_command_line_or_a_device_folder_is_checked_at_load(tmp_path, change, message):
@@ -85,6 +87,7 @@ def test_what_reaches_an_ssh_command_line_or_a_device_folder_is_checked_at_load(
     ("host: 10.0.0.1,", "host: pi-01.local,"), ("host: 10.0.0.1,", "host: 'fe80::1%eth0',"),
     ("host: 10.0.0.1,", "host: 'edge_pi.lan.',"), ("user: mendel", "user: mendel.x_1"),
     ("tags: [pi]}", "tags: [pi], root: '/opt/edge kit'}"), ("tags: [pi]}", "tags: [pi], python: /usr/bin/python3.11}"),
+    ("tags: [pi]}", "tags: [pi], pull: {ca_file: ~/store-ca.pem}}"),
     ("host: 10.0.0.2,", "host: 10.0.0.1, root: /opt/other,"),  # one host, two agent folders
     ("host: 10.0.0.2,", "host: 10.0.0.1, port: 2222,"),  # one address, two ports (two sshd, e.g. containers)
 ])
