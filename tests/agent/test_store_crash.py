@@ -90,14 +90,17 @@ def tflites(wheels, tmp_path_factory) -> list[Path]:
 
 
 def fresh_store(base: Path, tflites: list[Path], smoke: SmokePool) -> Path:
-    """A device with model a current and the uploads of b and c waiting in ``incoming/``."""
-    root = base / "root"
+    """A device with model a current and the uploads of b and c waiting in ``incoming/``: a copy of the one made
+    (installed, activated after its smoke inference) the first time, links and all."""
+    root, made = base / "root", base / "fresh"
+    if not made.exists():
+        store = ModelStore(made)
+        a = store.install(tflites[0], variant="a", model="m").sha256
+        store.activate(a, smoke=smoke)
+        shutil.copyfile(tflites[1], store.incoming / "b.tflite")
+        shutil.copyfile(tflites[2], store.incoming / "c.tflite")
     shutil.rmtree(root, ignore_errors=True)
-    store = ModelStore(root)
-    a = store.install(tflites[0], variant="a", model="m").sha256
-    store.activate(a, smoke=smoke)
-    shutil.copyfile(tflites[1], store.incoming / "b.tflite")
-    shutil.copyfile(tflites[2], store.incoming / "c.tflite")
+    shutil.copytree(made, root, symlinks=True)
     return root
 
 
