@@ -56,19 +56,19 @@ def samples(n=4):
     return np.random.default_rng(0).uniform(0, 16, size=(n, 8, 8, 1)).astype(np.float32)
 
 
-def test_http_is_off_by_default_and_the_port_is_checked(store, tmp_path, caplog):
+def test_http_is_off_by_default_and_the_port_is_checked(tmp_path, caplog):
     caplog.set_level("INFO", logger="edgekit.agent.serve")
-    srv = Server(store.root / "off.sock", make_interpreter=make).start()
+    srv = Server(tmp_path / "off.sock", make_interpreter=make).start()
     try:
         assert srv.http_address is None
     finally:
         srv.close()
-    on = Server(store.root / "on.sock", make_interpreter=make, http_port=0).start()
+    on = Server(tmp_path / "on.sock", make_interpreter=make, http_port=0).start()
     on.close()
     # the log says where an application reaches the API (it said nothing: the HTTP port only in agent.yaml)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving API on")] == [
-        f"serving API on {store.root / 'off.sock'}",
-        f"serving API on {store.root / 'on.sock'} and http://127.0.0.1:{on.http_address[1]}"]
+        f"serving API on {tmp_path / 'off.sock'}",
+        f"serving API on {tmp_path / 'on.sock'} and http://127.0.0.1:{on.http_address[1]}"]
     cfg = tmp_path / "a.yaml"
     cfg.write_text("device: pi-1\nfleet: f\n")
     assert load_agent_config(cfg).serve.http_port is None

@@ -5,13 +5,14 @@ kill: nothing half-installed or half-removed is listed, nothing is left to grow,
 
 The models are real pretrained LiteRT files; the smoke inferences run LiteRT for real. The kill
 points come from a hook the child script installs on the ``os`` calls that change the disk (rename,
-replace, symlink, unlink, rmdir, mkdir, fsync): the child kills itself just before the N-th one.
+replace, symlink, unlink, rmdir, mkdir, fsync): the store process, forked from it for each kill point,
+kills itself just before the N-th one.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import select
 import shutil
 import signal
 import subprocess
@@ -30,38 +31,55 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("face_detection_short_range.tflite", "face_detection_full_range.tflite", "iris_landmark.tflite")
 
 CHILD = textwrap.dedent("""
-    import os, shutil, signal, sys
+    import os, signal, sys, traceback
     from pathlib import Path
 
-    kill_at, root = int(sys.argv[1]), Path(sys.argv[2])
-    me, steps = os.getpid(), [0]
+    from device_agents.smoke import smoke
+    from device_agents.store import ModelStore
+
+    me, steps = [None], [0]
 
     def hooked(real):
         def call(*args, **kwargs):
-            if os.getpid() == me:
+            if os.getpid() == me[0]:
                 steps[0] += 1
                 if steps[0] == kill_at:
-                    os.kill(me, signal.SIGKILL)  # power gone just before this call
+                    os.kill(me[0], signal.SIGKILL)  # power gone just before this call
             return real(*args, **kwargs)
         return call
 
     for name in ("rename", "replace", "symlink", "unlink", "rmdir", "mkdir", "fsync"):
         setattr(os, name, hooked(getattr(os, name)))
 
-    from device_agents.smoke import smoke
-    from device_agents.store import ModelStore
-
     def inline(path, **kw):  # the real LiteRT smoke inference, in this process (a forkserver per run is slow)
         return smoke(path, kw.get("runtime"), kw.get("delegate", "xnnpack"), kw.get("options"), kw.get("threads", 1))
 
-    store = ModelStore(root)
-    b = store.install(root / "incoming" / "b.tflite", variant="b", model="m", move=True).sha256
-    store.activate(b, smoke=inline)
-    c = store.install(root / "incoming" / "c.tflite", variant="c", model="m", move=True).sha256
-    store.activate(c, smoke=inline)
-    store.prune(0, keep=set())  # a tight budget: the first model (neither current nor previous) goes
-    store.rollback()
-    print("steps", steps[0])
+    def operations(root):
+        store = ModelStore(root)
+        b = store.install(root / "incoming" / "b.tflite", variant="b", model="m", move=True).sha256
+        store.activate(b, smoke=inline)
+        c = store.install(root / "incoming" / "c.tflite", variant="c", model="m", move=True).sha256
+        store.activate(c, smoke=inline)
+        store.prune(0, keep=set())  # a tight budget: the first model (neither current nor previous) goes
+        store.rollback()
+
+    # one store process per line "<kill step> <root>", forked from this one (imported once: a Python start
+    # per step was most of the test's time); each answer is a line "steps N" (it finished) then "exit <status>"
+    for line in sys.stdin:
+        step, root = line.split(" ", 1)
+        kill_at = int(step)
+        pid = os.fork()
+        if pid == 0:
+            me[0], steps[0] = os.getpid(), 0
+            try:
+                operations(Path(root.strip()))
+                print("steps", steps[0], flush=True)
+            except BaseException:
+                traceback.print_exc()
+                sys.stderr.flush()
+                os._exit(1)
+            os._exit(0)
+        print("exit", os.waitpid(pid, 0)[1], flush=True)
 """)
 
 
@@ -72,14 +90,17 @@ def tflites(wheels, tmp_path_factory) -> list[Path]:
 
 
 def fresh_store(base: Path, tflites: list[Path], smoke: SmokePool) -> Path:
-    """A device with model a current and the uploads of b and c waiting in ``incoming/``."""
-    root = base / "root"
+    """A device with model a current and the uploads of b and c waiting in ``incoming/``: a copy of the one made
+    (installed, activated after its smoke inference) the first time, links and all."""
+    root, made = base / "root", base / "fresh"
+    if not made.exists():
+        store = ModelStore(made)
+        a = store.install(tflites[0], variant="a", model="m").sha256
+        store.activate(a, smoke=smoke)
+        shutil.copyfile(tflites[1], store.incoming / "b.tflite")
+        shutil.copyfile(tflites[2], store.incoming / "c.tflite")
     shutil.rmtree(root, ignore_errors=True)
-    store = ModelStore(root)
-    a = store.install(tflites[0], variant="a", model="m").sha256
-    store.activate(a, smoke=smoke)
-    shutil.copyfile(tflites[1], store.incoming / "b.tflite")
-    shutil.copyfile(tflites[2], store.incoming / "c.tflite")
+    shutil.copytree(made, root, symlinks=True)
     return root
 
 
@@ -109,17 +130,35 @@ def test_a_store_killed_at_every_step_of_install_activate_prune_and_rollback_is_
     smoke = SmokePool()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     step, steps = 0, None
-    while steps is None:
-        step += 1
-        root = fresh_store(tmp_path, tflites, smoke)
-        done = subprocess.run([sys.executable, "-c", CHILD, str(step), str(root)], capture_output=True, text=True,
-                              env=env, timeout=120)
-        if done.returncode == 0:
-            steps = int(re.search(r"steps (\d+)", done.stdout).group(1))
-        else:
-            assert done.returncode == -signal.SIGKILL, done.stderr
-        check(root, smoke, step)
-        assert step < 200, "the script never finished"
+    with open(tmp_path / "stderr", "w+") as errors, subprocess.Popen(
+            [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
+            env=env) as stores:
+
+        def stderr() -> str:
+            errors.seek(0)
+            return errors.read()
+
+        try:
+            while steps is None:
+                step += 1
+                root = fresh_store(tmp_path, tflites, smoke)
+                stores.stdin.write(f"{step} {root}\n")
+                stores.stdin.flush()
+                assert select.select([stores.stdout], [], [], 120)[0], f"step {step}: the store process ran 120 s"
+                said = [stores.stdout.readline()]
+                if said[0].startswith("steps "):
+                    said.append(stores.stdout.readline())
+                assert said[-1].startswith("exit "), f"the forking process ended: {said} {stderr()}"
+                status = int(said[-1].split()[1])
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                    steps = int(said[0].split()[1])
+                else:
+                    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, stderr()
+                check(root, smoke, step)
+                assert step < 200, "the script never finished"
+        finally:
+            stores.stdin.close()
+            stores.kill() if steps is None else stores.wait(60)  # a failure: the forking process goes too
     assert steps >= 20 and step == steps + 1  # every step was a kill point once
 
 

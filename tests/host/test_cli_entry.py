@@ -10,9 +10,65 @@ import sys
 import pytest
 
 
+def command_code(prelude: str, args) -> str:
+    """Return the ``python -c`` program that runs ``prelude`` and then `edgekit ARGS...` as its entry point does."""
+    return f"import sys; {prelude}; sys.argv = ['edgekit', *{list(args)!r}]; from edge_kit.cli import main; main()"
+
+
 def run_edgekit(prelude: str, *args: str) -> subprocess.CompletedProcess:
-    code = f"import sys; {prelude}; sys.argv = ['edgekit', *{list(args)!r}]; from edge_kit.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    """Return the finished process of `edgekit ARGS...` in a new Python, ``prelude`` run before edge_kit is imported."""
+    return subprocess.run([sys.executable, "-c", command_code(prelude, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+# Reads JSON lines [stdout file, stderr file, program]; for each, forks a child that leaves the loop with those files
+# as its stdout and stderr and runs the program as `python -c` would (its exit status is Python's end of it); says
+# "exit <waitpid status>". What edge_kit.cli.main imports is imported once, here: a new Python importing it per command
+# was most of this file's time.
+FORKING = """
+import json, os, sys
+import typer
+from edge_kit.cli import app, compile, fleet, history, loop, main, rollout
+for line in sys.stdin:
+    out, err, program = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        break
+    print("exit", os.waitpid(pid, 0)[1], flush=True)
+else:
+    sys.exit(0)
+for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY), (2, err, os.O_WRONLY)):
+    os.dup2(os.open(path, flags), fd)
+exec(program, {"__name__": "__main__", "__builtins__": __builtins__})
+"""
+
+
+@pytest.fixture(scope="module")
+def edgekit(tmp_path_factory):
+    """Return ``run(prelude, *args)``: :func:`run_edgekit`'s finished process, in a process forked from one that has
+    imported the CLI's modules (a prelude that must run before those imports needs :func:`run_edgekit`)."""
+    import select
+
+    folder = tmp_path_factory.mktemp("edgekit-runs")
+    parent = subprocess.Popen([sys.executable, "-c", FORKING], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+
+    def run(prelude: str, *args: str) -> subprocess.CompletedProcess:
+        out, err = folder / "stdout", folder / "stderr"
+        out.write_bytes(b"")
+        err.write_bytes(b"")
+        parent.stdin.write(json.dumps([str(out), str(err), command_code(prelude, args)]) + "\n")
+        parent.stdin.flush()
+        assert select.select([parent.stdout], [], [], 120)[0], f"edgekit {args} did not end within 120 s"
+        said = parent.stdout.readline()
+        assert said.startswith("exit "), f"the forking process ended: {said!r}"
+        status = int(said.split()[1])
+        code = os.waitstatus_to_exitcode(status)
+        return subprocess.CompletedProcess(args, code, out.read_text(), err.read_text())
+
+    yield run
+    parent.stdin.close()
+    parent.wait(60)
 
 
 def test_without_the_host_extra_it_names_what_to_install_in_one_line():
@@ -28,21 +84,21 @@ def test_a_typer_without_the_help_internals_edge_kit_adjusts_still_runs_every_co
     CLI raised AttributeError, a traceback for every command. Now such a typer shows its own help."""
     prelude = ("import typer.core as c, typer.rich_utils as r; del c.TyperOption.display_type_rich; "
                "del c._TyperParameter.display_type_rich; del c.TyperArgument._usage_display_name; del r._fix_linebreaks")
-    for args in (("profiles", "list", "--json"), ("compile", "--help")):
-        result = run_edgekit(prelude, *args)
+    results = [run_edgekit(prelude, *args) for args in (("profiles", "list", "--json"), ("compile", "--help"))]
+    for result in results:
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    assert "rpi4" in run_edgekit(prelude, "profiles", "list", "--json").stdout
+    assert "rpi4" in results[0].stdout
 
 
-def test_a_toolkit_error_is_one_line_and_its_exit_code():
-    result = run_edgekit("pass", "profiles", "show", "rpi-4")
+def test_a_toolkit_error_is_one_line_and_its_exit_code(edgekit):
+    result = edgekit("pass", "profiles", "show", "rpi-4")
     assert result.returncode == 2
     assert result.stderr.startswith("edgekit: error: unknown profile 'rpi-4'; did you mean 'rpi4'?")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_with_json_a_toolkit_error_is_also_one_json_document_on_stdout():
-    result = run_edgekit("pass", "profiles", "show", "rpi-4", "--json")
+def test_with_json_a_toolkit_error_is_also_one_json_document_on_stdout(edgekit):
+    result = edgekit("pass", "profiles", "show", "rpi-4", "--json")
     assert result.returncode == 2
     answer = json.loads(result.stdout)
     assert answer["exit_code"] == 2 and answer["error"].startswith("unknown profile 'rpi-4'; did you mean 'rpi4'?")
@@ -51,28 +107,28 @@ def test_with_json_a_toolkit_error_is_also_one_json_document_on_stdout():
 
 @pytest.mark.parametrize("value, why", [("0", "greater than or equal to 1"), ("-1", "greater than or equal to 1"),
                                         ("many", "valid integer")])
-def test_a_bad_option_value_is_one_line_exit_2_and_json_with_json(value, why):
-    result = run_edgekit("pass", "deploy", "--fleet", "fleet.yaml", "--artifacts", "a", "--parallel", value, "--json")
+def test_a_bad_option_value_is_one_line_exit_2_and_json_with_json(value, why, edgekit):
+    result = edgekit("pass", "deploy", "--fleet", "fleet.yaml", "--artifacts", "a", "--parallel", value, "--json")
     assert result.returncode == 2
     answer = json.loads(result.stdout)
     assert why in answer["error"] and "--parallel" in answer["error"] and "`edgekit deploy --help`" in answer["error"]
     assert result.stderr == f"edgekit: error: {answer['error']}\n"
-    plain = run_edgekit("pass", "deploy", "--fleet", "fleet.yaml", "--artifacts", "a", "--parallel", value)
+    plain = edgekit("pass", "deploy", "--fleet", "fleet.yaml", "--artifacts", "a", "--parallel", value)
     assert plain.returncode == 2 and plain.stdout == "" and plain.stderr == result.stderr
 
 
-def test_an_unknown_command_is_one_line_naming_the_closest():
-    result = run_edgekit("pass", "deplyo")
+def test_an_unknown_command_is_one_line_naming_the_closest(edgekit):
+    result = edgekit("pass", "deplyo")
     assert result.returncode == 2
     assert result.stderr == "edgekit: error: No such command 'deplyo'. Did you mean 'deploy', 'demo'? (see `edgekit --help`)\n"
 
 
-def test_ctrl_c_in_a_command_is_one_line_and_exit_130():
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(edgekit):
     interrupt = "import edge_kit.profiles as p; p.bundled_profiles = lambda: (_ for _ in ()).throw(KeyboardInterrupt())"
-    result = run_edgekit(interrupt, "profiles", "list")
+    result = edgekit(interrupt, "profiles", "list")
     assert result.returncode == 130
     assert result.stderr == "edgekit: error: interrupted; nothing was half-written\n" and result.stdout == ""
-    as_json = run_edgekit(interrupt, "profiles", "list", "--json")
+    as_json = edgekit(interrupt, "profiles", "list", "--json")
     assert as_json.returncode == 130 and json.loads(as_json.stdout)["exit_code"] == 130
 
 
@@ -348,9 +404,9 @@ def test_every_option_and_argument_of_every_command_is_explained_in_its_help_and
                                   ["tune", "--artifacts", "a", "--timeout", "inf"],
                                   ["monitor", "--silence-s", "inf"],
                                   ["rollout", "start", "a", "--store", "http://s", "--wave-timeout", "inf"]])
-def test_an_infinite_number_is_refused_like_any_bad_value(args):
+def test_an_infinite_number_is_refused_like_any_bad_value(args, edgekit):
     """`inf` passes a lower bound; a wait on it was an OverflowError traceback after the command was sent."""
-    result = run_edgekit("pass", *args, "--fleet", "fleet.yaml", "--json")
+    result = edgekit("pass", *args, "--fleet", "fleet.yaml", "--json")
     assert result.returncode == 2
     error = json.loads(result.stdout)["error"]
     assert ": inf: give a finite number (see `edgekit " in error
@@ -363,17 +419,17 @@ def test_an_infinite_number_is_refused_like_any_bad_value(args):
                                           (["shadow", "--fleet", "fleet.yaml", "--device", "d1", "--share", "nan"],
                                            "--share"),
                                           (["rollout", "abort", "r1", "--fleet", "fleet.yaml", "--wait", "-inf"], "--wait")])
-def test_nan_is_refused_as_not_finite_naming_the_option(args, option):
+def test_nan_is_refused_as_not_finite_naming_the_option(args, option, edgekit):
     """Typer checks an option's min/max before its callback: `--timeout nan` was refused as "should be less than
     or equal to 86400" and `--duration nan` as "greater than or equal to 0", which no NaN is told to fix."""
-    result = run_edgekit("pass", *args, "--json")
+    result = edgekit("pass", *args, "--json")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     error = json.loads(result.stdout)["error"]
     assert error.startswith(f"Invalid value for '{option}': ") and ": give a finite number (see `edgekit " in error
 
 
-def test_a_bounded_number_option_still_refuses_what_is_out_of_range_and_shows_its_range():
-    result = run_edgekit("pass", "monitor", "--fleet", "fleet.yaml", "--duration", "-1", "--json")
+def test_a_bounded_number_option_still_refuses_what_is_out_of_range_and_shows_its_range(edgekit):
+    result = edgekit("pass", "monitor", "--fleet", "fleet.yaml", "--duration", "-1", "--json")
     assert result.returncode == 2
     assert json.loads(result.stdout)["error"] == ("Invalid value for '--duration': -1: give a number greater than or "
                                                   "equal to 0 (see `edgekit monitor --help`)")
@@ -392,11 +448,12 @@ def test_a_bounded_number_option_still_refuses_what_is_out_of_range_and_shows_it
     (["keys", "rotate", "--timeout", "1e300"], "--timeout", "86400"),
     (["rollout", "start", "a", "--store", "http://s", "--wave-timeout", "1e300"], "--wave-timeout", "86400"),
     (["deploy", "--artifacts", "a", "--gate", "live", "--gate-window", "1e300"], "--gate-window", "86400")])
-def test_a_number_beyond_what_the_agent_or_a_wait_takes_is_refused_before_anything_is_sent(args, option, bound):
+def test_a_number_beyond_what_the_agent_or_a_wait_takes_is_refused_before_anything_is_sent(args, option, bound,
+                                                                                            edgekit):
     """`bench --timeout 1e300` sent the command, then died in its wait (OverflowError traceback); `bench
     --min-seconds 601` was the agent's refusal, exit 1, naming its argument 'min_seconds' instead of the option;
     `deploy --health-timeout 90000` failed every device (its activation expired beyond the day the agent takes)."""
-    result = run_edgekit("pass", *args, "--fleet", "fleet.yaml", "--json")
+    result = edgekit("pass", *args, "--fleet", "fleet.yaml", "--json")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     error = json.loads(result.stdout)["error"]
     assert f"'{option}'" in error and f"less than or equal to {bound}" in error
@@ -407,7 +464,7 @@ def test_a_number_beyond_what_the_agent_or_a_wait_takes_is_refused_before_anythi
                          "device at once"),
     (["--canary", "10%", "--gate", "live", "--gate-shadow", "0.5", "--gate-min-snr-db", "nan"],
      "Invalid value for '--gate-min-snr-db': nan: give a finite number (see `edgekit deploy --help`)")])
-def test_a_canary_of_nothing_or_a_nan_fidelity_bound_is_refused(tmp_path, args, error):
+def test_a_canary_of_nothing_or_a_nan_fidelity_bound_is_refused(tmp_path, args, error, edgekit):
     """`deploy --canary 0%` deployed to every device at once (a share of 0 read as no --canary), and
     `--gate-min-snr-db nan` was taken: a bound no live SNR is ever below, so fidelity never rolled back."""
     fleet_file = tmp_path / "fleet.yaml"
@@ -417,19 +474,19 @@ def test_a_canary_of_nothing_or_a_nan_fidelity_bound_is_refused(tmp_path, args, 
     (tmp_path / "art").mkdir()
     (tmp_path / "art" / "manifest.json").write_text(Manifest(created="2026-11-29T00:00:00+00:00", model={"name": "m"},
                                                              versions={}, profiles={}, artifacts=[]).to_json())
-    result = run_edgekit("pass", "deploy", "--fleet", str(fleet_file), "--artifacts", str(tmp_path / "art"), *args, "--json")
+    result = edgekit("pass", "deploy", "--fleet", str(fleet_file), "--artifacts", str(tmp_path / "art"), *args, "--json")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert json.loads(result.stdout)["error"] == error
 
 
-def test_a_renamed_option_names_its_new_spelling():
+def test_a_renamed_option_names_its_new_spelling(edgekit):
     """`fleet status --no-broker` (renamed --history-only) said only "No such option": a script's author was left
     guessing. The old spelling is refused (exit 2, one line) naming the new one; elsewhere it is unknown as before."""
-    result = run_edgekit("pass", "fleet", "status", "--fleet", "fleet.yaml", "--no-broker", "--json")
+    result = edgekit("pass", "fleet", "status", "--fleet", "fleet.yaml", "--no-broker", "--json")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert json.loads(result.stdout)["error"] == ("--no-broker was renamed --history-only; give --history-only instead "
                                                   "(see `edgekit fleet status --help`)")
-    other = run_edgekit("pass", "monitor", "--fleet", "fleet.yaml", "--no-broker", "--json")
+    other = edgekit("pass", "monitor", "--fleet", "fleet.yaml", "--no-broker", "--json")
     error = json.loads(other.stdout)["error"]  # click may add "(Possible options: ...)" from the options it has
     assert error.startswith("No such option: --no-broker (") and error.endswith("(see `edgekit monitor --help`)")
     assert "history-only" not in error

@@ -103,7 +103,7 @@ def test_an_offline_device_converges_when_it_comes_back_and_status_refresh_shows
     late = fleet.devices[2]
     terminate_pid(int((Path(late.root) / "agent.pid").read_text()))  # its supervisor and agent stop
     code, out, err = run_cli("rollout", "start", str(digits_artifacts_v2), "--fleet", simfleet.fleet_file,
-                             "--store", server.url, "--variant", "int8", "--wave", "100%", "--wave-timeout", "15",
+                             "--store", server.url, "--variant", "int8", "--wave", "100%", "--wave-timeout", "10",
                              "--id", "r2", "--json")
     result = json.loads(out)
     assert result["state"] == "done" and result["counts"] == {"converged": 2, "sent": 1}, err
@@ -135,7 +135,7 @@ def test_abort_puts_the_canaries_back_keeps_a_silent_device_on_its_model_and_run
 
     simfleet, fleet, store, server = pull_fleet
     plan = plan_rollout("r4", digits_artifacts_v2, fleet, fleet.devices, server.url, "int8",
-                        RolloutSettings(waves=(0.6, 1.0), wave_timeout_s=20.0), gate=LiveGate())
+                        RolloutSettings(waves=(0.6, 1.0), wave_timeout_s=10.0), gate=LiveGate())
     canary, silent, control = plan["order"]
     root = {d.name: Path(d.root) for d in fleet.devices}
     terminate_pid(int((root[silent] / "agent.pid").read_text()))  # offline through the first wave

@@ -35,7 +35,7 @@ def test_a_rollout_to_virtual_devices_with_failures_cuts_and_offline_devices(tmp
     history = Store(tmp_path / "h.db")
     with start_store_server(store, workdir=tmp_path / "nginx") as server, VirtualFleet(fleet_file, behaviour) as vf:
         plan = plan_rollout("v1", digits_artifacts_v2, fleet, fleet.devices, server.url, "int8",
-                            RolloutSettings(waves=(0.1, 1.0), max_failed=0.2, wave_timeout_s=10))
+                            RolloutSettings(waves=(0.1, 1.0), max_failed=0.2, wave_timeout_s=6))
         history.save_rollout("v1", "running", plan)
         clients = []
 
