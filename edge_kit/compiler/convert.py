@@ -6,6 +6,7 @@ and checks what comes out (see :mod:`edge_kit.compiler.analysis`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -20,9 +21,14 @@ INT8_TFLITE_METHOD = ("ai-edge-quantizer static_wi8_ai8 (int8 weights per channe
                       "every op it takes; int8 input and output), activation ranges = min/max over all of --calib")
 
 
-def converter_version() -> str:
-    """Return the TensorFlow (converter) version."""
-    return tensorflow().__version__
+def converter_version() -> str | None:
+    """Return the TensorFlow (converter) version: the module's when this process has imported it, else the installed
+    distribution's (a compile that never converts with TensorFlow, an ONNX or .tflite source's, imported it for this
+    alone: seconds of its time); None when neither ``tensorflow`` nor ``tensorflow-cpu`` is installed."""
+    from edge_kit.compiler.onnx_source import version
+
+    module = sys.modules.get("tensorflow")
+    return getattr(module, "__version__", None) or version("tensorflow") or version("tensorflow-cpu")
 
 
 def _quantizer_unusable(variant: str, exc: BaseException) -> str:
