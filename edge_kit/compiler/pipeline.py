@@ -571,6 +571,12 @@ def _convert_onnx(source: Source, data: Dataset | None, profiles: list[Profile],
     return []
 
 
+def _equal_inputs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    """Return whether the inputs ``a`` and ``b`` ({input name: samples}) hold the same names, shapes, types and values."""
+    return list(a) == list(b) and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
+                                      and np.array_equal(a[k], b[k]) for k in a)
+
+
 def _fidelity_warnings(artifact: Artifact, profiles: list[Profile]) -> list[str]:
     """Return a warning per profile whose ``min_fidelity_snr_db`` this artifact's worst output misses."""
     fid = artifact.fidelity
@@ -667,16 +673,25 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
         ort = get_runtime("onnxruntime")
         return f"measured on host with ONNX Runtime {ort.version()} (CPUExecutionProvider, {req.threads} thread(s))"
 
+    # inputs already given to a runner, with that runner's outputs by model: the conversion check's inputs are often
+    # all of --eval (or --calib), which fp32 and onnx-fp32 (the ONNX model the check ran) are run on again
+    ran: list[tuple[dict[str, np.ndarray], dict[bytes, dict[str, np.ndarray]]]] = []
+
     def runner(xs: dict[str, np.ndarray], name: str, where: str) -> ChildInference:
-        """Return what runs a model over ``xs`` in a child, with the deadline for that many samples.
+        """Return what runs a model over ``xs`` in a child, with the deadline for that many samples; a model it
+        was given before on equal inputs is not run again (:class:`ChildInference`'s ``known``).
 
         Raises:
             CompileError: the inputs could not be written into the scratch folder.
         """
         samples = len(next(iter(xs.values()))) if xs else 0
+        known = next((k for seen, k in ran if _equal_inputs(seen, xs)), None)
+        if known is None:
+            known = {}
+            ran.append((xs, known))
         try:
             return ChildInference(xs, work / name, where, timeout=inference_deadline(samples, req.timeout),
-                                  threads=req.threads)
+                                  threads=req.threads, known=known)
         except OSError as exc:
             raise CompileError(f"{work}: could not write the {where} inputs the runs of the model read "
                                f"({exc.strerror or exc}); free space in the temporary folder (TMPDIR)") from None
