@@ -216,7 +216,6 @@ def _store_command(args: argparse.Namespace) -> None:
     elif args.command == "activate":
         if not (args.sha256 or args.variant):
             raise StoreError("activate: give --sha256 or --variant")
-        from device_agents.serving.client import SOCKET
         from device_agents.smoke import SmokePool
 
         cfg = _agent_config(store.root)
@@ -224,7 +223,7 @@ def _store_command(args: argparse.Namespace) -> None:
         sha = store.resolve(sha256=args.sha256, variant=args.variant)
         given = bool(args.delegate or args.delegate_option)  # another delegate's options would not fit it
         delegate, options = args.delegate or own.delegate, _options(args) if given else own.delegate_options
-        serving = None if cfg and not cfg.serve.enabled else (cfg and cfg.serve.socket) or store.root / SOCKET
+        serving = _serving_socket(store.root, cfg)
         pool = SmokePool()
         with _serving_paused(store, sha, delegate, options, serving, pool):  # the running agent's, on the Edge TPU
             out = store.activate(sha, runtime=args.runtime or own.runtime, delegate=delegate, options=options,
@@ -234,7 +233,7 @@ def _store_command(args: argparse.Namespace) -> None:
     else:
         out = {"root": str(store.root), "current": store.describe(store.current()),
                "previous": store.describe(store.previous()), "installed": store.installed(),
-               "live": live_figures(args.socket or store.root / "serve.sock")}
+               "live": live_figures(args.socket) if args.socket else _own_live_figures(store.root)}
     print(json.dumps(out, indent=2, default=str))
 
 
@@ -251,6 +250,29 @@ def _agent_config(root: Path) -> AgentConfig | None:
 
     path = root / "agent.yaml"
     return load_agent_config(path) if os.path.lexists(path) else None
+
+
+def _serving_socket(root: Path, cfg: AgentConfig | None) -> Path | None:
+    """Return the socket the agent at ``root`` serves its API on, by its config ``cfg`` (:func:`_agent_config`):
+    ``serve.socket`` if it sets one, else ``<root>/serve.sock``; None when it turns serving off."""
+    from device_agents.serving.client import SOCKET
+
+    if cfg is None:
+        return root / SOCKET
+    return None if not cfg.serve.enabled else cfg.serve.socket or root / SOCKET
+
+
+def _own_live_figures(root: Path) -> dict[str, Any]:
+    """Return :func:`live_figures` of the agent at ``root``, at the socket its agent.yaml serves on
+    (:func:`_serving_socket`); ``{"source": "live", "unavailable": why}`` when that file turns serving off or does not
+    load (the store's own state is still worth showing). Never raises."""
+    try:
+        socket = _serving_socket(root, _agent_config(root))
+    except EdgeKitError as exc:
+        return {"source": "live", "unavailable": f"{exc} (give the serving API's socket with --socket)"}
+    if socket is None:
+        return {"source": "live", "unavailable": f"serving is off (serve.enabled: false in {root / 'agent.yaml'})"}
+    return live_figures(socket)
 
 
 def _agent_bench(root: Path) -> BenchSettings:

@@ -76,6 +76,29 @@ def test_state_says_why_there_are_no_live_figures_when_the_agent_is_not_running(
     assert live["model"] is None and live["clients"] == 0 and live["covers"].startswith("nothing is served")
 
 
+def test_state_reads_the_socket_agent_yaml_serves_on(face, tmp_path, capsys):
+    """`state --help` said the live figures came from agent.yaml's serve.socket when it set one; state read
+    <root>/serve.sock whatever agent.yaml said, and called an agent serving elsewhere not running."""
+    store = ModelStore(tmp_path / "root")
+    store.activate(store.install(face, variant="fp16", model="blazeface").sha256)
+    elsewhere = tmp_path / "elsewhere.sock"
+    config = store.root / "agent.yaml"
+    config.write_text(f"device: pi-1\nfleet: f\nserve: {{socket: {elsewhere}}}\n")
+    srv = Server(elsewhere, make_interpreter=Interpreters(), max_clients=2).start()
+    try:
+        live = _state(capsys, "--root", str(store.root))["live"]
+    finally:
+        srv.close()
+    assert live["model"] is None and str(elsewhere) in live["measured_by"]
+    config.write_text("device: pi-1\nfleet: f\nserve: {enabled: false}\n")
+    assert _state(capsys, "--root", str(store.root))["live"] == {
+        "source": "live", "unavailable": f"serving is off (serve.enabled: false in {config})"}
+    config.write_text("device: pi-1\nfleet: f\nserve: {enabled: maybe}\n")  # the store's state is still shown
+    state = _state(capsys, "--root", str(store.root))
+    assert state["current"]["variant"] == "fp16" and state["live"]["unavailable"].startswith(f"{config}:3: serve")
+    assert state["live"]["unavailable"].endswith("(give the serving API's socket with --socket)")
+
+
 @pytest.mark.parametrize("args", [(), ("--json",)], ids=["text", "json"])
 def test_state_whose_reader_has_gone_ends_quietly_with_exit_141(face, tmp_path, args):
     """`edgekit-agent state | head -1` ended in a BrokenPipeError traceback once `head` had its line. Now as git and
