@@ -17,29 +17,29 @@ os.environ["COLUMNS"] = "200"  # rich tables printed by the CLI stay on one line
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# The slowest files, slowest first (seconds of one worker, per-test reports of a whole `-n 2 --dist loadfile` run on
-# 2 cores, 2026-12-01, on a machine busy with other work: about 2.5x a quiet one). They start first, so the other files
-# fill the workers around them: xdist hands out whole files, by default those with the most tests first, and the
-# slowest one (16 tests) started last and ran alone for minutes (the suite took 21.9 to 24.6 minutes by the order).
-# With --no-loadscope-reorder (pyproject.toml addopts) xdist keeps this order. Refresh it when a file grows slow.
+# The slowest files, slowest first (seconds of one worker, per-test reports of the README's whole run, 4 workers on
+# 2 cores, quiet machine, 2026-12-01: the run took 17.0 minutes). They start first, so the other files fill the
+# workers around them: xdist hands out whole files, by default those with the most tests first, and the slowest one
+# (16 tests) started last and ran alone for minutes (the suite took 21.9 to 24.6 minutes by the order). With
+# --no-loadscope-reorder (pyproject.toml addopts) xdist keeps this order. Refresh it when a file grows slow.
 SLOWEST_FIRST = (
-    "tests/integration/test_onnx_source.py",  # 1059 s
-    "tests/integration/test_compile.py",  # 490 s
-    "tests/integration/test_compile_errors.py",  # 476 s
-    "tests/integration/test_deploy.py",  # 451 s
-    "tests/host/test_onnx_control_flow.py",  # 338 s
-    "tests/host/test_cli_entry.py",  # 305 s
-    "tests/integration/test_onnx_variants.py",  # 229 s
-    "tests/integration/test_history_share_scan.py",  # 224 s
-    "tests/integration/test_monitor.py",  # 218 s
-    "tests/integration/test_agent_service.py",  # 165 s
-    "tests/agent/test_serving_http.py",  # 150 s
-    "tests/integration/test_pull_rollout.py",  # 149 s
-    "tests/integration/test_real_models.py",  # 135 s
-    "tests/integration/test_history_backends.py",  # 131 s
-    "tests/host/test_token_id_variants.py",  # 112 s
-    "tests/host/test_compile_interrupt.py",  # 104 s
-    "tests/integration/test_loop.py",  # 100 s
+    "tests/integration/test_onnx_source.py",  # 217 s
+    "tests/integration/test_deploy.py",  # 159 s
+    "tests/integration/test_monitor.py",  # 142 s
+    "tests/integration/test_compile_errors.py",  # 125 s
+    "tests/host/test_onnx_control_flow.py",  # 104 s
+    "tests/integration/test_loop.py",  # 75 s
+    "tests/integration/test_agent_service.py",  # 73 s
+    "tests/integration/test_pull_rollout.py",  # 69 s
+    "tests/integration/test_compile.py",  # 65 s
+    "tests/integration/test_history_share_scan.py",  # 59 s
+    "tests/agent/test_serving_http.py",  # 50 s
+    "tests/integration/test_real_models.py",  # 46 s
+    "tests/integration/test_onnx_variants.py",  # 39 s
+    "tests/integration/test_monitor_postgres.py",  # 37 s
+    "tests/host/test_token_id_variants.py",  # 34 s
+    "tests/host/test_cli_entry.py",  # 33 s
+    "tests/agent/test_serving.py",  # 30 s
 )
 
 
