@@ -601,7 +601,9 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
         stop.set()
         for sender in senders:
             sender.join(10)
-        assert agent.store.current() == sha and failed == [] and len(seen) == 2 and seen[0] == seen[1]
+        # none answered while the child held it: a sender appends after predict() returns, so each may count one
+        # answered before the pause late (a CI run saw it with 2); a fallback serving meanwhile would count hundreds
+        assert agent.store.current() == sha and failed == [] and len(seen) == 2 and 0 <= seen[1] - seen[0] <= workers
         assert len(answered) > seen[1] and coral.open_here == workers  # served again after the child, from the Edge TPU
         with pytest.raises(DeviceError, match="runs on the Edge TPU the served model holds, and an Edge TPU opens "
                                               "for one process at a time"):
