@@ -158,6 +158,10 @@ class _Served:
         self.broken: str | None = None  # why its interpreters did not load again after a pause (each request told)
         self.paused: tuple[float, str] | None = None  # while released(): since when (time.monotonic) and why
         self.pauser: int | None = None  # while released(): the thread that paused it (its nested pauses are its own)
+        # cleared while released(): a waiting request takes no runner then (it would take the runner the pause waits
+        # for as soon as a request in flight put it back, and with several senders the pause could wait minutes)
+        self.resumed = threading.Event()
+        self.resumed.set()
         self._head: tuple[Any, bytes, bytes] | None = None  # (outputs' description, encoded answer start)
 
     def _load(self) -> list[ModelRunner]:
@@ -185,6 +189,7 @@ class _Served:
         with self._run_lock:  # one worker: its requests wait on this lock; several: on the pool, emptied here
             self.paused = (time.monotonic(), why)  # set and cleared holding the lock: one pause's at a time
             self.pauser = threading.get_ident()
+            self.resumed.clear()
             for _ in range(self.workers):
                 self.pool.get()
             self.single = _Unloaded("paused") if self.workers == 1 else None  # never run: the lock is held
@@ -209,6 +214,7 @@ class _Served:
                 for runner in runners:
                     self.pool.put(runner)
                 self.paused = self.pauser = None
+                self.resumed.set()
 
     def count(self, took_ns: int | None) -> None:
         """Count one answered request (``took_ns`` its service time) or, with None, one error."""
@@ -237,18 +243,19 @@ class _Served:
 
     def _take(self, take: Any, arrived: float) -> Any:
         """Return what ``take()`` returns once it is truthy (the lock acquired, a runner from the pool): it waits
-        :data:`PAUSE_POLL_S` and returns False or raises ``queue.Empty`` meanwhile. The request (``arrived`` at that
-        time.monotonic()) leaves :attr:`waiting` either way.
+        :data:`PAUSE_POLL_S` and returns False or raises ``queue.Empty`` meanwhile; it is not called while a pause
+        holds (:attr:`resumed`). The request (``arrived`` at that time.monotonic()) leaves :attr:`waiting` either way.
 
         Raises:
             RequestError: a pause (:meth:`released`) kept it waiting :data:`PAUSE_WAIT_S` (``paused``).
         """
         try:
             while True:
-                with contextlib.suppress(queue.Empty):
-                    got = take()
-                    if got:
-                        return got
+                if self.resumed.is_set() or self.resumed.wait(PAUSE_POLL_S):
+                    with contextlib.suppress(queue.Empty):
+                        got = take()
+                        if got:
+                            return got
                 paused = self.paused
                 if paused is not None and time.monotonic() - max(paused[0], arrived) >= PAUSE_WAIT_S:
                     raise RequestError(f"serving paused for {time.monotonic() - paused[0]:.0f} s: {paused[1]}; "

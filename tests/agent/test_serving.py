@@ -271,6 +271,47 @@ def test_a_request_a_pause_keeps_waiting_is_answered_so_in_one_line_after_pause_
         srv.close()
 
 
+def test_a_pause_begins_once_the_requests_in_flight_end_however_many_keep_sending(store, tmp_path):
+    """A pause drains the pool of interpreters, waiting for the requests in flight; waiting requests took the runner
+    it waited for as soon as one was put back, so with senders always waiting the pause began only when one lost a
+    race: a CI run's pause took over 2 minutes and its senders were told 'serving paused' five times. Waiting
+    requests take nothing while a pause holds now: it begins once those in flight end."""
+    import threading
+
+    srv = Server(tmp_path / "w.sock", make_interpreter=make, workers=2).start()
+    stop, failed, answered = threading.Event(), [], []
+    x = {"image": samples(1)[0]}
+
+    def sender():
+        while not stop.is_set():
+            try:
+                srv.current.predict(x)
+                answered.append(1)
+            except Exception as exc:  # noqa: BLE001 - what the test counts
+                failed.append(repr(exc))
+
+    try:
+        srv.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+        senders = [threading.Thread(target=sender) for _ in range(6)]
+        for thread in senders:
+            thread.start()
+        took = []
+        for _ in range(10):
+            t0 = time.monotonic()
+            with srv.paused("a child"):
+                took.append(time.monotonic() - t0)
+                during = len(answered)
+                time.sleep(0.02)
+                assert len(answered) - during <= len(senders)  # at most those in flight when it began, counted late
+        stop.set()
+        for thread in senders:
+            thread.join(10)
+        assert failed == [] and len(answered) > 0 and max(took) < 2, (took, failed)
+    finally:
+        stop.set()
+        srv.close()
+
+
 def test_a_stale_socket_is_replaced_but_never_a_file_or_link_at_its_path(store, tmp_path):
     """A socket left by an earlier run is replaced; a regular file or a symlink where the socket goes
     (a misconfigured serve.socket) is refused in one line and left as it was."""
