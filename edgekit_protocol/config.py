@@ -320,7 +320,12 @@ def _convert(tp: Any, node: Node, file: Path | str, key: str) -> Any:
         raise ConfigError(f"{_where(file, node.line, key)}: expected {tp.__name__}, got {shown!r}")
     if tp is float and not math.isfinite(value):
         raise ConfigError(f"{_where(file, node.line, key)}: expected a finite number, got {value!r}")
-    return Path(value).expanduser() if tp is Path else tp(value)
+    if tp is not Path:
+        return tp(value)
+    # relative to the config file's folder (agent.yaml: the device's root), as docker-compose and kubeconfig take
+    # theirs; never to the working directory, which differs between a unit, a supervisor and a shell
+    given = Path(value).expanduser()
+    return given if given.is_absolute() or not isinstance(file, Path) else file.absolute().parent / given
 
 
 def _plain(node: Node) -> Any:
@@ -372,7 +377,9 @@ def _dataclass(cls: type, node: Node, file: Path | str, key: str) -> Any:
 
 
 def build(node: Node, file: Path | str) -> AgentConfig:
-    """Return the agent config a document tree describes, defaults filled in.
+    """Return the agent config a document tree describes, defaults filled in. A relative path in it (``root``,
+    ``serve.socket``, ``pull.ca_file``, ``broker.password_file``, ``broker.tls.*``) is taken from the folder of
+    ``file`` when that is the file's path (a ``str`` names where the tree came from, and leaves it as given).
 
     Raises:
         ConfigError: an unknown key (with the closest valid one), a wrong type, a missing

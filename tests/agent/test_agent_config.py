@@ -24,6 +24,23 @@ def test_agent_config_defaults_and_nested_values(tmp_path):
     assert cfg.power.sensors[0] == "ina3221" and cfg.password() is None
 
 
+def test_relative_paths_in_agent_yaml_are_taken_from_its_folder_not_the_working_directory(tmp_path, monkeypatch):
+    """A relative serve.socket was taken from the working directory, which a systemd unit, a supervisor and a shell
+    each set otherwise: `edgekit-agent state` looked for the socket in another folder than the agent served it in."""
+    from device_agents.__main__ import _serving_socket
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "pw").write_text("secret\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere than the file's folder
+    cfg = load_agent_config(write(root, "agent.yaml", "device: pi-1\nfleet: f\nroot: .\nserve: {socket: api.sock}\n"
+                                                      "broker: {password_file: pw, tls: {ca: ../ca.pem}}\n"))
+    assert cfg.root == root and cfg.serve.socket == root / "api.sock" and cfg.broker.tls.ca == root / "../ca.pem"
+    assert cfg.password() == "secret" and _serving_socket(root, cfg) == root / "api.sock"
+    cfg = load_agent_config(write(root, "abs.yaml", "device: pi-1\nfleet: f\nserve: {socket: /run/x.sock}\n"))
+    assert str(cfg.serve.socket) == "/run/x.sock"
+
+
 @pytest.mark.parametrize("text, message", [
     ("device: pi-1\nfleet: f\nbroker:\n  prot: 1\n", "a.yaml:4: broker.prot: unknown key; did you mean 'port'?"),
     ("device: pi-1\nfleet: f\nbench: {min_runs: many}\n", "a.yaml:3: bench.min_runs: expected int, got 'many'"),
