@@ -21,14 +21,18 @@ INT8_TFLITE_METHOD = ("ai-edge-quantizer static_wi8_ai8 (int8 weights per channe
                       "every op it takes; int8 input and output), activation ranges = min/max over all of --calib")
 
 
+# the distributions that install the ``tensorflow`` module (one at a time), by the name each is installed under
+TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tf-nightly", "tf-nightly-cpu", "tensorflow-macos")
+
+
 def converter_version() -> str | None:
     """Return the TensorFlow (converter) version: the module's when this process has imported it, else the installed
     distribution's (a compile that never converts with TensorFlow, an ONNX or .tflite source's, imported it for this
-    alone: seconds of its time); None when neither ``tensorflow`` nor ``tensorflow-cpu`` is installed."""
+    alone: seconds of its time); None when none of :data:`TF_DISTRIBUTIONS` is installed."""
     from edge_kit.compiler.onnx_source import version
 
     module = sys.modules.get("tensorflow")
-    return getattr(module, "__version__", None) or version("tensorflow") or version("tensorflow-cpu")
+    return getattr(module, "__version__", None) or next(filter(None, map(version, TF_DISTRIBUTIONS)), None)
 
 
 def _quantizer_unusable(variant: str, exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -227,3 +228,16 @@ def test_a_long_library_error_is_cut_at_a_word_and_says_it_was_cut():
     assert len(cut) <= 200 and cut.endswith("the...") and keras.startswith(cut[:-3])
     assert first_line(ValueError("x" * 300)) == "x" * 197 + "..."  # no word to cut at: cut where it must
     assert first_line(ValueError("short\nsecond")) == "short" and first_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_the_converter_version_without_importing_tensorflow_names_whichever_distribution_installed_it(monkeypatch):
+    """An ONNX or .tflite compile reads TensorFlow's version from the installed distribution (importing it cost
+    seconds): one installed as tf-nightly was recorded as null."""
+    from edge_kit.compiler import convert, onnx_source
+
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    installed = {"tf-nightly": "2.21.0.dev20261130"}
+    monkeypatch.setattr(onnx_source, "version", installed.get)
+    assert convert.converter_version() == "2.21.0.dev20261130"
+    installed.clear()
+    assert convert.converter_version() is None
