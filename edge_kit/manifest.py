@@ -186,11 +186,12 @@ class Manifest(_Record):
     def reference_id(self) -> str:
         """Return the id of the variant the others' fidelity is measured against, whose accuracy theirs is a ratio of
         and whose outputs the eval set ships: ``eval.reference`` when recorded, else ``onnx-fp32`` for an ONNX source
-        whose fp32 was not built while onnx-fp32 was (onnx2tf could not convert it), else ``fp32``."""
+        whose fp32 was not built (onnx2tf could not convert it, or no profile asked a LiteRT variant) while onnx-fp32
+        was, else ``fp32``."""
         if self.eval and self.eval.get("reference"):
             return str(self.eval["reference"])
         fp32, onnx = self.artifact("fp32"), self.artifact("onnx-fp32")
-        if self.model.get("format") == "onnx" and fp32 is not None and fp32.status != "built" \
+        if self.model.get("format") == "onnx" and (fp32 is None or fp32.status != "built") \
                 and onnx is not None and onnx.status == "built":
             return "onnx-fp32"
         return "fp32"

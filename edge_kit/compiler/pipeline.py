@@ -125,25 +125,36 @@ class _Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _wanted(profiles: list[Profile]) -> dict[str, list[str]]:
-    """Return {variant id: names of the profiles asking for it}, fp32 (the reference) always included."""
-    wanted: dict[str, list[str]] = {"fp32": []}
+def _wanted(profiles: list[Profile], onnx: bool) -> dict[str, list[str]]:
+    """Return {variant id: names of the profiles asking for it}, the reference always included: fp32, or onnx-fp32
+    for an ``onnx`` source no profile asks a LiteRT variant of (it is not converted to LiteRT then:
+    :func:`_converts`)."""
+    wanted: dict[str, list[str]] = {}
     for profile in profiles:
         for vid in profile.variants:
             wanted.setdefault(vid, []).append(profile.name)
+    litert = any(parse_variant(vid).format == "tflite" for vid in wanted)
+    wanted.setdefault("fp32" if litert or not onnx else "onnx-fp32", [])
     return wanted
+
+
+def _converts(wanted: dict[str, list[str]], onnx: bool) -> bool:
+    """Return whether the compile of an ``onnx`` source (else: never) converts it to LiteRT for the variants
+    ``wanted`` (:func:`_wanted`): only when one of them is LiteRT's, as fp32 is whenever there is one."""
+    return onnx and "fp32" in wanted
 
 
 def plan_steps(req: CompileRequest) -> int:
     """Return how many progress steps :func:`compile_model` reports as planned (for a progress bar's total; the
     compile reports a larger total with each step should onnx-fp32 be added as the reference, :data:`Progress`)."""
-    return _steps(_wanted(req.profiles), Path(req.model).suffix.lower() == ".onnx")
+    onnx = Path(req.model).suffix.lower() == ".onnx"
+    return _steps(_wanted(req.profiles, onnx), onnx)
 
 
 def _steps(wanted: dict[str, list[str]], onnx: bool) -> int:
     """Return how many progress steps a compile of the variants ``wanted`` takes: checking inputs, converting (an ONNX
-    source), building and measuring each variant to build, writing the result."""
-    return 2 * len(build_order(list(wanted))) + 2 + onnx
+    source, :func:`_converts`), building and measuring each variant to build, writing the result."""
+    return 2 * len(build_order(list(wanted))) + 2 + _converts(wanted, onnx)
 
 
 def _versions() -> dict[str, str | None]:
@@ -698,8 +709,8 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
 
     conversion_warnings: list[str] = []
     unconverted = None  # why the ONNX source has no LiteRT conversion (its ONNX Runtime variants need none)
-    wanted = _wanted(req.profiles)
-    if source.kind == "onnx":
+    wanted = _wanted(req.profiles, source.kind == "onnx")
+    if _converts(wanted, source.kind == "onnx"):  # not for ONNX Runtime and TensorRT variants alone
         step("converting ONNX")
         from edge_kit.compiler.onnx_source import Unconvertible
 
@@ -712,7 +723,8 @@ def _compile_model(req: CompileRequest, progress: Progress | None, work: Path) -
             warnings.warn(f"{exc}; only the ONNX Runtime variants are built, measured against onnx-fp32", stacklevel=2)
             wanted.setdefault("onnx-fp32", [])  # the reference in fp32's place
             total = _steps(wanted, onnx=True)  # its build and measuring steps, which the plan did not count
-    reference_id = "onnx-fp32" if unconverted else "fp32"  # every variant's fidelity is measured against its outputs
+    # every variant's fidelity is measured against its outputs
+    reference_id = "onnx-fp32" if unconverted or "fp32" not in wanted else "fp32"
     writable_folder(out)
 
     plans = {s.id: _Plan(s, wanted.get(s.id, [])) for s in build_order(list(wanted))}

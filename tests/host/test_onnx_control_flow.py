@@ -354,7 +354,7 @@ def nested_model(path: Path) -> Path:
 
 def test_onnx_variants_of_loop_scan_and_if_bodies_reading_outer_values_run_and_count_their_bodies(tmp_path, run_cli):
     """A model whose Loop, Scan and If bodies read outer-scope values and give results back out, compiled for a
-    Jetson (ONNX Runtime and TensorRT variants; onnx2tf cannot convert it, so onnx-fp32 is the reference): every
+    Jetson (ONNX Runtime and TensorRT variants alone: not converted to LiteRT, onnx-fp32 is the reference): every
     variant is built, runs in ONNX Runtime on inputs taking both branches and matches onnx-fp32 within the fidelity
     check. The op histogram and MACs read the top-level graph alone: 1 MatMul and 16 MACs where 4 MatMuls (one in
     each body) run. They count every body now (once, not per iteration), and the methods say so."""
@@ -446,3 +446,25 @@ def test_an_op_onnx2tf_lacks_inside_an_if_branch_is_named(tmp_path, run_cli):
         "'CastLike' (node 'inner@castlike'); replace that op in the exported model (another opset or an equivalent "
         "op) and compile again"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_onnx_model_compiled_for_onnx_runtime_variants_alone_is_not_converted_to_litert(tmp_path, monkeypatch):
+    """An ONNX source was always converted by onnx2tf and built as the LiteRT fp32 variant (every variant's
+    reference), even for a Jetson profile asking ONNX Runtime and TensorRT variants alone: minutes of onnx2tf on a
+    large model, and a compile that failed on a conversion nothing would use. Without a LiteRT variant asked for,
+    onnx2tf never runs now and onnx-fp32 is the reference, as when onnx2tf cannot convert the model."""
+    from edge_kit.compiler import onnx_source
+
+    def never(*_a, **_k):
+        raise AssertionError("onnx2tf ran")
+
+    monkeypatch.setattr(onnx_source, "convert", never)
+    model = save(tmp_path / "relu.onnx", [helper.make_node("Relu", ["x"], ["y"])], [])
+    steps = []
+    profile = load_profile("rpi4").model_copy(update={"variants": ["onnx-fp32", "onnx-fp16"]})
+    manifest = compile_model(CompileRequest(model, [profile], tmp_path / "out"), progress=lambda s, n: steps.append(n))
+    assert manifest.reference_id == "onnx-fp32" and manifest.artifact("fp32") is None and "conversion" not in manifest.model
+    assert [a.id for a in manifest.artifacts if a.status == "built"] == ["onnx-fp32", "onnx-fp16"]
+    assert manifest.artifact("onnx-fp16").fidelity.measured and manifest.artifact("onnx-fp16").fidelity.snr_db > 40
+    assert read_manifest(tmp_path / "out" / "relu").model_copy(update={"eval": None}).reference_id == "onnx-fp32"
+    assert set(steps) == {len(steps)}  # the planned total is what it took: no conversion step counted
