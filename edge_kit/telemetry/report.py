@@ -3,8 +3,8 @@
 Per device profile (the fleet file's for the devices it names: a record's ``profile`` is only its device's word,
 and one device claiming another profile must not land among that profile's devices): latency p90 against
 accuracy (the eval metric) for every variant measured on every device of that profile, with the profile's
-constraint lines (max p90; min accuracy as a share of the fp32 variant's, its median over the devices) and
-each device's chosen variant marked; energy per inference per variant (the median over devices), each bar
+constraint lines (max p90; min accuracy as a share of the fp32 variant's, else onnx-fp32's, its median over the
+devices) and each device's chosen variant marked; energy per inference per variant (the median over devices), each bar
 saying whether its figure was measured (sensor name) or estimated. Then the fleet table. Every figure is
 the latest benchmark record in the history store; simulated devices are labelled. One device's figures move
 no line and no bar: each is a median over the devices.
@@ -27,6 +27,7 @@ from edge_kit.errors import InputError
 from edge_kit.fleet.keys import revoked_on
 from edge_kit.fsutil import atomic_write_text, writable_folder
 from edge_kit.profiles import Profile, bundled_profiles, load_profile
+from edge_kit.selection.constraints import REFERENCE_VARIANTS
 from edge_kit.telemetry.store import CLEARED_REVOKED, CLEARED_STALE, HistoryStore
 from edgekit_protocol.config import AgentConfig
 from edgekit_protocol.labels import accuracy_text, clip, power_source
@@ -124,7 +125,10 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
     by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_variant[_label(r["variant"])].append(r)
-    fp32 = [_accuracy(r) for r in by_variant.get("fp32", []) if _accuracy(r) is not None]
+    # the reference the accuracy floor is a share of: fp32, else onnx-fp32 (an ONNX model without a LiteRT conversion)
+    ref_id = next((v for v in REFERENCE_VARIANTS if any(_accuracy(r) is not None for r in by_variant.get(v, []))),
+                  REFERENCE_VARIANTS[0])
+    ref_accuracies = [_accuracy(r) for r in by_variant.get(ref_id, []) if _accuracy(r) is not None]
     # shares (every built-in task) in percent; a user metric outside 0..1 on its own scale
     scale = 100 if all(0 <= _accuracy(r) <= 1 for r in records if _accuracy(r) is not None) else 1
     unit = " %" if scale == 100 else ""
@@ -165,11 +169,11 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
         if c.max_latency_p90_ms > 0:  # annotations on a log axis take the decade, not the value
             scatter.add_annotation(x=math.log10(c.max_latency_p90_ms), xref="x", y=1, yref="y domain", yanchor="bottom",
                                    xanchor="right", showarrow=False, text=f"max p90 {c.max_latency_p90_ms:g} ms")
-    reference = statistics.median(fp32) if fp32 else None  # the devices' fp32: one device's figure moves no line
+    reference = statistics.median(ref_accuracies) if ref_accuracies else None  # one device's figure moves no line
     if c.min_accuracy_ratio is not None and reference is not None and reference > 0:  # no ratio to 0 or less
         floor = scale * c.min_accuracy_ratio * reference
         scatter.add_hline(y=floor, line_dash="dash", line_color="#b00",
-                          annotation_text=f"min accuracy {c.min_accuracy_ratio:g} x fp32 = {floor:.4g}{unit}")
+                          annotation_text=f"min accuracy {c.min_accuracy_ratio:g} x {ref_id} = {floor:.4g}{unit}")
     scatter.update_layout(title=f"{profile.name}: latency vs accuracy (latest benchmark per device and variant)",
                           xaxis_title="p90 latency (ms, log scale), measured on each device (clock: see the note above)",
                           yaxis_title=f"{metric} ({'%' if scale == 100 else 'on its own scale'})", xaxis=xaxis,

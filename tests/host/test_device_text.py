@@ -863,6 +863,19 @@ def test_one_devices_fp32_accuracy_does_not_move_its_profiles_accuracy_floor(fle
     assert "min accuracy 0.99 x fp32 = 89.1 %" in page and "x fp32 = 59.4 %" not in page
 
 
+def test_an_onnx_only_profiles_accuracy_floor_is_drawn_from_onnx_fp32(fleet_file, run_cli, tmp_path):
+    """The min-accuracy line was drawn from the devices' fp32 records alone: an ONNX model compiled for ONNX Runtime
+    and TensorRT variants alone (onnx-fp32 its reference, no fp32 built) had no line on its profile's plot. It is
+    drawn from onnx-fp32 then, as selection judges those variants, and says so."""
+    store = Store(history_path(fleet_file))
+    store.add_many([("bench", {**_bench(v, i), "sha256": f"{i:064x}", "accuracy": {"value": acc}})
+                    for i, (v, acc) in enumerate((("onnx-fp32", 0.9), ("onnx-int8", 0.8)), 1)])
+    store.close()
+    code, out, err = run_cli("report", "--fleet", fleet_file, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert "min accuracy 0.99 x onnx-fp32 = 89.1 %" in (tmp_path / "r.html").read_text()
+
+
 def test_gap_alerts_a_device_can_raise_one_per_record_are_capped_on_the_screen_as_refused_ones_are():
     """The monitor now alerts every sequence gap; a device numbering its records 1, 3, 5... raises one per record, as
     junk raises one refusal per message. At most MAX_REFUSED_SHOWN are printed a refresh, the rest counted in one
