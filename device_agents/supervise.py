@@ -30,7 +30,8 @@ def is_supervisor(cmdline: bytes, root: str) -> bool:
 
 def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
     """Run the agent, restarting it when it exits (after 1 s, doubling to 30 s while it keeps failing within
-    a minute), until SIGTERM/SIGINT; ``pidfile`` holds this process's pid meanwhile.
+    a minute), until SIGTERM/SIGINT; ``pidfile`` holds this process's pid meanwhile. The agent runs from its own
+    folder, given ``config`` and ``log_file`` as absolute paths from this process's working directory.
 
     Returns:
         The supervisor's exit code: 0 once stopped, 2 when the agent exited 2 (a config error or
@@ -49,9 +50,10 @@ def supervise(config: Path, pidfile: Path, log_file: Path | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     atomic_write(pidfile, f"{os.getpid()}\n".encode())
     folder = Path(__file__).resolve().parent.parent  # the folder device_agents was imported from
-    argv = [sys.executable, "-B", "-m", "device_agents", "run", "--config", str(config)]  # -B: no .pyc beside checked code
+    # -B: no .pyc beside checked code; paths absolute: the agent runs from its own folder, not this one's
+    argv = [sys.executable, "-B", "-m", "device_agents", "run", "--config", str(config.absolute())]
     if log_file:
-        argv += ["--log-file", str(log_file)]
+        argv += ["--log-file", str(log_file.absolute())]
     delay = 1.0
     try:
         while not stopping:

@@ -78,3 +78,32 @@ def test_an_agent_that_ignores_sigterm_is_killed_not_left_running_without_its_su
     monkeypatch.setattr(sv.subprocess, "Popen", Stubborn)
     assert sv.supervise(tmp_path / "agent.yaml", pidfile) == 0
     assert calls == ["running", "SIGTERM", "SIGTERM", "still running", "SIGKILL"] and not pidfile.exists()
+
+
+def test_a_relative_config_and_log_file_are_given_to_the_agent_from_where_the_supervisor_was_started(tmp_path,
+                                                                                                   monkeypatch):
+    """``edgekit-agent supervise --config agent.yaml`` from the device's root: the supervisor read agent.yaml there,
+    then started the agent from the agent's own folder with the same relative path: it found no agent.yaml, exited 2
+    (a config error) and the supervisor with it, and a relative --log-file was written into the agent's code. The
+    agent is given both as absolute paths, taken from where the supervisor was started."""
+    handlers = {}
+    monkeypatch.setattr(sv.signal, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
+    monkeypatch.chdir(tmp_path)
+    argvs: list[list[str]] = []
+
+    class Child:
+        def __init__(self, argv, cwd):
+            argvs.append(argv)
+
+        def wait(self, timeout=None):
+            handlers[signal.SIGTERM]()
+            return -signal.SIGTERM
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(sv.subprocess, "Popen", Child)
+    assert sv.supervise(Path("agent.yaml"), Path("agent.pid"), Path("logs/agent.log")) == 0
+    argv = argvs[0]
+    assert argv[argv.index("--config") + 1] == str(tmp_path / "agent.yaml")
+    assert argv[argv.index("--log-file") + 1] == str(tmp_path / "logs" / "agent.log")
