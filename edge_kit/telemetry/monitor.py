@@ -92,6 +92,7 @@ from edge_kit.telemetry.store import (
     alerts_by_kind,
 )
 from edge_kit.telemetry.verifier import Verifier
+from edge_kit.variants import parse_variant
 from edgekit_protocol import messages
 from edgekit_protocol.errors import MessageError
 from edgekit_protocol.labels import clip
@@ -1564,15 +1565,20 @@ class Monitor:
 
     def _note_unjudged(self, device: str, model: str | None, variant: str, bound: float) -> None:
         """Say once per device and model (a note, not an alert: nothing broke) that a benchmark's accuracy bound of
-        ``device`` (``min_accuracy_ratio`` ``bound``) is not judged for want of its fp32 accuracy; return nothing."""
+        ``device`` (``min_accuracy_ratio`` ``bound``) is not judged for want of its fp32 accuracy (onnx-fp32's for an
+        ONNX variant: an ONNX model compiled without LiteRT variants has no fp32); return nothing."""
         noted = self._noted.setdefault(device, set())
         if model in noted or len(noted) >= MAX_NOTED_PER_DEVICE:  # a device naming a new model each time: its own cap
             return
         noted.add(model)
         named = f"model {model}" if model is not None else "its model"
-        self.notes.append(clip(f"{device} {variant}: accuracy >= {bound:g} x fp32 not judged: no fp32 benchmark of "
+        try:
+            ref = "onnx-fp32" if parse_variant(variant).format == "onnx" else "fp32"
+        except ValueError:  # a name no compile gives: the LiteRT reference
+            ref = "fp32"
+        self.notes.append(clip(f"{device} {variant}: accuracy >= {bound:g} x {ref} not judged: no {ref} benchmark of "
                                f"{named} with an accuracy from {device} in the history (`edgekit bench --device "
-                               f"{device} --variant fp32` measures it; its other bounds are judged)", MAX_ALERT_CHARS))
+                               f"{device} --variant {ref}` measures it; its other bounds are judged)", MAX_ALERT_CHARS))
         self.notes_raised += 1
 
     def _clock(self) -> float:

@@ -66,6 +66,19 @@ def test_the_fp32_accuracy_follows_the_records_that_arrive(fleet_file, tmp_path)
     mon.stop()
 
 
+
+def test_an_onnx_variant_without_a_reference_accuracy_is_told_to_bench_onnx_fp32(fleet_file, tmp_path):
+    """The note for an unjudged accuracy bound told every device to bench fp32: an ONNX model compiled for ONNX
+    Runtime and TensorRT variants alone has no fp32 (onnx-fp32 is its reference), so the command it gave failed. An
+    ONNX variant's note names onnx-fp32, what the bound is then judged against."""
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    _kept(mon, _bench("d2", 1, "onnx-int8", 0.1))
+    assert list(mon.notes) == ["d2 onnx-int8: accuracy >= 0.99 x onnx-fp32 not judged: no onnx-fp32 benchmark of model "
+                               "digits with an accuracy from d2 in the history (`edgekit bench --device d2 --variant "
+                               "onnx-fp32` measures it; its other bounds are judged)"]
+    mon.stop()
+
 def test_without_an_fp32_accuracy_the_bound_is_unjudged_said_once_never_alerted(fleet_file, tmp_path):
     """No fp32 benchmark of the model on the device (or one without an accuracy): no false alert, one note per device
     and model; the other bounds are still judged."""
