@@ -59,6 +59,14 @@ def _accel_cell(a: Any, footnote: Any) -> str:
     return " ".join(cells) or "-"
 
 
+def _host_runtimes(manifest: Any) -> list[str]:
+    """Return the runtimes, with their versions, that ran the manifest's built variants on this host (``LiteRT 2.3.0``,
+    ``ONNX Runtime 1.32.0``): ONNX Runtime alone for an ONNX model compiled for ONNX Runtime variants alone."""
+    used = {a.runtime for a in manifest.artifacts if a.status == "built" and not a.built_on_device}
+    return [f"{name} {manifest.versions.get(key)}" for runtime, name, key in
+            (("litert", "LiteRT", "ai_edge_litert"), ("onnxruntime", "ONNX Runtime", "onnxruntime")) if runtime in used]
+
+
 def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
     """Return the variant table and the lines printed under it (numbered footnotes first)."""
     from edge_kit.compiler.data import is_random
@@ -115,9 +123,7 @@ def _compile_report(manifest: Any) -> tuple[Table, list[str]]:
                  + f" against {manifest.reference_id} (worst output) "
                  + (f"on {on_random.split(':')[0]}, a check that is no figure of real inputs (selection never uses it), "
                     if on_random else "")
-                 + f"measured on this host with each variant's runtime (LiteRT {manifest.versions.get('ai_edge_litert')}"
-                 + (f", ONNX Runtime {manifest.versions['onnxruntime']}" if manifest.versions.get("onnxruntime")
-                    and any(a.runtime == "onnxruntime" and a.status == "built" for a in manifest.artifacts) else "")
+                 + f"measured on this host with each variant's runtime ({', '.join(_host_runtimes(manifest))}"
                  + "); accel ops = ops the accelerator a profile's LiteRT delegate runs on (runtime.delegate) takes "
                  "by its documented rules (tpu* = edgetpu_compiler's own count; - : no profile of the variant runs it "
                  "on an accelerator's LiteRT delegate)")

@@ -39,7 +39,8 @@ def test_footnote_numbers_match_their_rows_when_a_fallback_comes_first():
 
 
 def test_the_note_names_onnx_runtime_only_when_it_measured_something():
-    """A .tflite source (onnx-* not-built, no onnxruntime version recorded) printed 'ONNX Runtime None'."""
+    """A .tflite source (onnx-* not-built, no onnxruntime version recorded) printed 'ONNX Runtime None'; LiteRT is
+    named only when it measured something too."""
     onnx = Artifact(id="onnx-fp32", status="not-built", reason="from a .tflite", profiles=["p"], summary="",
                     precision="float32", runtime="onnxruntime")
     m = Manifest(created="now", model={"name": "m"}, versions={"ai_edge_litert": "2.3.0"}, profiles={},
@@ -48,6 +49,9 @@ def test_the_note_names_onnx_runtime_only_when_it_measured_something():
     m.versions["onnxruntime"] = "1.32.0"
     m.artifacts[1] = built("onnx-fp32", runtime="onnxruntime")
     assert "(LiteRT 2.3.0, ONNX Runtime 1.32.0)" in _compile_report(m)[1][-1]
+    # an ONNX model compiled for ONNX Runtime variants alone: LiteRT, which ran nothing, was named all the same
+    m.artifacts = [built("onnx-fp32", runtime="onnxruntime")]
+    assert "each variant's runtime (ONNX Runtime 1.32.0)" in _compile_report(m)[1][-1]
 
 
 def test_the_notes_name_each_profiles_accelerator_and_say_when_nothing_measured_accuracy():
