@@ -145,7 +145,8 @@ def _profile_note(name: str, profile: dict[str, Any], manifest: Any) -> str:
 def _unused_by_litert(profile: dict[str, Any]) -> str:
     """Return what the profile's accelerator is used through when its LiteRT delegate (``runtime.delegate``, in the
     manifest since this field was recorded) is not that accelerator's, so no op count is shown for it: e.g. a Jetson's
-    gpu, reached through TensorRT while LiteRT runs on xnnpack; else "". Raises nothing."""
+    gpu, reached through TensorRT while LiteRT runs on xnnpack (said only when it has LiteRT variants); else "".
+    Raises nothing."""
     from device_agents.targets import TARGETS
     from edge_kit.variants import parse_variant
 
@@ -153,9 +154,12 @@ def _unused_by_litert(profile: dict[str, Any]) -> str:
     target = TARGETS.get(delegate or "")
     if acc in (None, "none") or target is None or target.accelerator == acc:
         return ""
-    others = sorted({parse_variant(v).runtime for v in profile.get("variants", ())} - {"litert"})
-    through = f"used through {', '.join(others)} on the device; " if others else ""
-    return f", {through}its LiteRT variants run on {delegate}, the CPU, so no {acc} ops are counted"
+    runtimes = {parse_variant(v).runtime for v in profile.get("variants", ())}
+    others = sorted(runtimes - {"litert"})
+    said = [f"used through {', '.join(others)} on the device"] if others else []
+    if "litert" in runtimes:
+        said.append(f"its LiteRT variants run on {delegate}, the CPU, so no {acc} ops are counted")
+    return f", {'; '.join(said)}" if said else ""
 
 
 def unserved_profiles(manifest: Any) -> list[str]:

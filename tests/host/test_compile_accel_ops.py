@@ -54,10 +54,14 @@ def test_the_note_names_the_runtimes_that_reach_the_accelerator():
 
     profiles = {"jetson-orin-nano": {"accelerator": "gpu", "delegate": "xnnpack",
                                      "variants": ["trt-fp16", "onnx-fp32", "fp32"]},
-                "old": {"accelerator": "gpu", "variants": ["fp32"]}}  # a manifest from before "delegate" was recorded
+                "old": {"accelerator": "gpu", "variants": ["fp32"]},  # a manifest from before "delegate" was recorded
+                # no LiteRT variant (an ONNX model compiled for ONNX Runtime variants alone): none is said to run
+                "onnx-only": {"accelerator": "gpu", "delegate": "xnnpack", "variants": ["trt-fp16", "onnx-fp32"]}}
     m = Manifest(created="now", model={"name": "m"}, versions={}, profiles=profiles, artifacts=[])
     lines = _compile_report(m)[1]
     assert any(ln.startswith("    profile jetson-orin-nano (accelerator: gpu, used through onnxruntime, tensorrt on "
                              "the device; its LiteRT variants run on xnnpack, the CPU, so no gpu ops are counted): ")
                for ln in lines), lines
     assert any(ln.startswith("    profile old (accelerator: gpu): ") for ln in lines), lines
+    assert any(ln.startswith("    profile onnx-only (accelerator: gpu, used through onnxruntime, tensorrt on the "
+                             "device): ") for ln in lines), lines
