@@ -6,6 +6,7 @@ and checks what comes out (see :mod:`edge_kit.compiler.analysis`).
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from collections.abc import Callable, Iterator
 
@@ -21,18 +22,21 @@ INT8_TFLITE_METHOD = ("ai-edge-quantizer static_wi8_ai8 (int8 weights per channe
                       "every op it takes; int8 input and output), activation ranges = min/max over all of --calib")
 
 
-# the distributions that install the ``tensorflow`` module (one at a time), by the name each is installed under
+# the distributions that install the ``tensorflow`` module (one at a time), by the name each is installed under: those
+# looked for first (another, e.g. intel-tensorflow, is found by the module it holds: a scan of every distribution)
 TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tf-nightly", "tf-nightly-cpu", "tensorflow-macos")
 
 
 def converter_version() -> str | None:
     """Return the TensorFlow (converter) version: the module's when this process has imported it, else the installed
     distribution's (a compile that never converts with TensorFlow, an ONNX or .tflite source's, imported it for this
-    alone: seconds of its time); None when none of :data:`TF_DISTRIBUTIONS` is installed."""
+    alone: seconds of its time), one of :data:`TF_DISTRIBUTIONS` or any other that holds the ``tensorflow`` module;
+    None when none is installed."""
     from edge_kit.compiler.onnx_source import version
 
     module = sys.modules.get("tensorflow")
-    return getattr(module, "__version__", None) or next(filter(None, map(version, TF_DISTRIBUTIONS)), None)
+    return (getattr(module, "__version__", None) or next(filter(None, map(version, TF_DISTRIBUTIONS)), None)
+            or next(filter(None, map(version, importlib.metadata.packages_distributions().get("tensorflow", []))), None))
 
 
 def _quantizer_unusable(variant: str, exc: BaseException) -> str:

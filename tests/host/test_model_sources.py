@@ -232,7 +232,9 @@ def test_a_long_library_error_is_cut_at_a_word_and_says_it_was_cut():
 
 def test_the_converter_version_without_importing_tensorflow_names_whichever_distribution_installed_it(monkeypatch):
     """An ONNX or .tflite compile reads TensorFlow's version from the installed distribution (importing it cost
-    seconds): one installed as tf-nightly was recorded as null."""
+    seconds): one installed as tf-nightly, or as intel-tensorflow, was recorded as null."""
+    import importlib.metadata
+
     from edge_kit.compiler import convert, onnx_source
 
     monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
@@ -241,3 +243,7 @@ def test_the_converter_version_without_importing_tensorflow_names_whichever_dist
     assert convert.converter_version() == "2.21.0.dev20261130"
     installed.clear()
     assert convert.converter_version() is None
+    # a build under a name of its own (Intel's, ROCm's): the distribution that holds the module, whatever its name
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: {"tensorflow": ["intel-tensorflow"]})
+    installed["intel-tensorflow"] = "2.20.0"
+    assert convert.converter_version() == "2.20.0"
