@@ -103,17 +103,19 @@ def unjudged(c: Constraints, m: Measured, fp32_accuracy: float | None) -> list[s
     return [describe(name, c) for name, gone in missing.items() if gone and getattr(c, name) is not None]
 
 
-def broken_text(c: Constraints, m: Measured, broken: Iterable[str], reference: tuple[float, str] | None = None) -> str:
+def broken_text(c: Constraints, m: Measured, broken: Iterable[str],
+                reference: tuple[float, str, str] | None = None) -> str:
     """Return each bound in ``broken`` (constraint names) with the figure of ``m`` that broke it and where that came
-    from, e.g. ``p90 <= 20 ms (31.2 ms p90, the device's clock)``, joined by commas. ``reference``: the fp32
-    accuracy the accuracy bound was judged against and where it came from (e.g. ``(0.5375, "the device's newest fp32
-    benchmark")``), shown with the ratio: ``accuracy >= 0.99 x fp32 (51.25% on the eval set, 0.9535 x fp32's 53.75%,
-    the device's newest fp32 benchmark)``.
+    from, e.g. ``p90 <= 20 ms (31.2 ms p90, the device's clock)``, joined by commas. ``reference``: the accuracy the
+    accuracy bound was judged against, where it came from and its variant (one of :data:`REFERENCE_VARIANTS`; e.g.
+    ``(0.5375, "the device's newest fp32 benchmark", "fp32")``), shown with the ratio: ``accuracy >= 0.99 x fp32
+    (51.25% on the eval set, 0.9535 x fp32's 53.75%, the device's newest fp32 benchmark)``.
 
     Raises:
         KeyError: a name in ``broken`` is not a constraint.
     """
-    return ", ".join(f"{describe(k, c)} ({measured_text(k, m, reference)})" for k in broken)
+    ref_id = reference[2] if reference is not None else REFERENCE_VARIANTS[0]
+    return ", ".join(f"{describe(k, c, ref_id)} ({measured_text(k, m, reference)})" for k in broken)
 
 
 def _positive(x: Any) -> Any:
@@ -128,18 +130,20 @@ def _nan(x: float | None) -> float:
     return math.nan if x is None else x
 
 
-def describe(name: str, c: Constraints) -> str:
-    """Return the bound of constraint ``name`` in words, e.g. ``p90 <= 50 ms``."""
+def describe(name: str, c: Constraints, reference_id: str = REFERENCE_VARIANTS[0]) -> str:
+    """Return the bound of constraint ``name`` in words, e.g. ``p90 <= 50 ms``; the accuracy bound's a share of
+    ``reference_id``'s accuracy."""
     bound = getattr(c, name)
     return {"max_latency_p90_ms": f"p90 <= {bound:g} ms", "max_power_w": f"power <= {bound:g} W",
-            "max_model_mb": f"model <= {bound:g} MB", "min_accuracy_ratio": f"accuracy >= {bound:g} x fp32",
+            "max_model_mb": f"model <= {bound:g} MB", "min_accuracy_ratio": f"accuracy >= {bound:g} x {reference_id}",
             "min_fidelity_snr_db": f"fidelity SNR >= {bound:g} dB"}[name]
 
 
-def measured_text(name: str, m: Measured, reference: tuple[float, str] | None = None) -> str:
+def measured_text(name: str, m: Measured, reference: tuple[float, str, str] | None = None) -> str:
     """Return the figure of ``m`` that constraint ``name`` judges, with its unit and where it came from, e.g.
     ``6.9 W, estimated`` or ``80 ms p90, the device's clock``; the accuracy one as a share or on its own scale, and
-    with ``reference`` (the fp32 accuracy it was judged against, and where that came from) its ratio to it and both.
+    with ``reference`` (the accuracy it was judged against, where that came from and its variant: fp32 or onnx-fp32)
+    its ratio to it and both.
 
     Raises:
         KeyError: ``name`` is not a constraint.
@@ -149,7 +153,8 @@ def measured_text(name: str, m: Measured, reference: tuple[float, str] | None = 
 
     accuracy = f"{accuracy_text(m.accuracy)} on the eval set"
     if name == "min_accuracy_ratio" and reference is not None and m.accuracy is not None and reference[0] > 0:
-        accuracy += f", {num(m.accuracy / reference[0])} x fp32's {accuracy_text(reference[0])}, {reference[1]}"
+        value, where, variant = reference
+        accuracy += f", {num(m.accuracy / value)} x {variant}'s {accuracy_text(value)}, {where}"
     return {"max_latency_p90_ms": f"{num(m.p90_ms)} ms p90, the device's clock",
             "max_power_w": f"{num(m.avg_w)} W, {m.power_source}",
             "max_model_mb": f"{num(m.model_mb)} MB, the artifact's size",

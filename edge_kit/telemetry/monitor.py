@@ -1510,7 +1510,7 @@ class Monitor:
             model = msg.get("model") if isinstance(msg.get("model"), str) else None
             if variant in REFERENCE_VARIANTS and messages.in_range(m.accuracy) and m.accuracy > 0:
                 self._take_references({(device, model, variant): float(m.accuracy)})
-            reference = self._reference_of(device, model)  # (its accuracy, where it came from), or None
+            reference = self._reference_of(device, model)  # (its accuracy, where it came from, its variant), or None
             broken = violations(c, m, reference[0] if reference is not None else None)
             if reference is None and c.min_accuracy_ratio is not None and m.accuracy is not None:
                 self._note_unjudged(device, model, variant, c.min_accuracy_ratio)
@@ -1553,14 +1553,14 @@ class Monitor:
             while len(kept) > MAX_REFERENCES_PER_DEVICE:
                 del kept[next(iter(kept))]
 
-    def _reference_of(self, device: str, model: str | None) -> tuple[float, str] | None:
+    def _reference_of(self, device: str, model: str | None) -> tuple[float, str, str] | None:
         """Return the fp32 accuracy ``device``'s benchmarks of ``model`` are judged against (its newest benchmark of
-        the first of :data:`~edge_kit.selection.constraints.REFERENCE_VARIANTS` it measured, with an accuracy) and
-        where it came from, in words; None when none is known (the accuracy bound is then not judged)."""
+        the first of :data:`~edge_kit.selection.constraints.REFERENCE_VARIANTS` it measured, with an accuracy), where
+        it came from, in words, and that variant; None when none is known (the accuracy bound is then not judged)."""
         for variant in REFERENCE_VARIANTS:
             value = self._reference.get(device, {}).get((model, variant))
             if value is not None:
-                return value, f"its newest {variant} benchmark on {device}"
+                return value, f"its newest {variant} benchmark on {device}", variant
         return None
 
     def _note_unjudged(self, device: str, model: str | None, variant: str, bound: float) -> None:

@@ -67,6 +67,19 @@ def test_the_fp32_accuracy_follows_the_records_that_arrive(fleet_file, tmp_path)
 
 
 
+
+def test_a_bound_judged_against_onnx_fp32_names_it(fleet_file, tmp_path):
+    """An ONNX model compiled without LiteRT variants is judged against its onnx-fp32 accuracy: the alert said
+    'accuracy >= 0.99 x fp32 (..., 0.9535 x fp32's 53.75%, its newest onnx-fp32 benchmark on d2)', a ratio to a
+    variant the model does not have. It names onnx-fp32."""
+    store = Store(tmp_path / "h.db")
+    mon = _started(fleet_file, store)
+    _kept(mon, _bench("d2", 1, "onnx-fp32", 0.5375), _bench("d2", 2, "onnx-int8", 0.5125))
+    assert [a.text for a in mon.alerts] == [
+        "d2 onnx-int8: breaks accuracy >= 0.99 x onnx-fp32 (51.25% on the eval set, 0.9535 x onnx-fp32's 53.75%, its "
+        "newest onnx-fp32 benchmark on d2); a simulated device: this machine's figures"]
+    mon.stop()
+
 def test_an_onnx_variant_without_a_reference_accuracy_is_told_to_bench_onnx_fp32(fleet_file, tmp_path):
     """The note for an unjudged accuracy bound told every device to bench fp32: an ONNX model compiled for ONNX
     Runtime and TensorRT variants alone has no fp32 (onnx-fp32 is its reference), so the command it gave failed. An
