@@ -212,7 +212,7 @@ def decide(manifest: Manifest, devices: list[Device], store: HistoryStore, curre
         fp32_acc = fp32.measured.accuracy if fp32 else (host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None)
         profile = profiles.get(dev.profile) or profiles.setdefault(dev.profile, load_profile(dev.profile))
         requests.append(Request(dev.name, cands, effective_constraints(profile.constraints, dev.constraints),
-                                fp32_acc, current.get(dev.name), profile.target_order))
+                                fp32_acc, current.get(dev.name), profile.target_order, manifest.reference_id))
     return note_runtimes({r.device: d for r, d in zip(requests, choose_all(requests, margin))}, refused)
 
 
@@ -453,7 +453,7 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
                      np.array([by_sha.get(current.get(d.name), -1) for d in devices], dtype=np.intp),
                      np.array([d.name in flagged for d in devices], dtype=bool),
                      {i: flagged[d.name] for i, d in enumerate(devices) if d.name in flagged},
-                     tuple(loaded[p].target_order for p in profiles))
+                     tuple(loaded[p].target_order for p in profiles), manifest.reference_id)
     return spec, m, {v: arts[v].sha256 for v in variants}, records
 
 

@@ -92,29 +92,32 @@ def violations(c: Constraints, m: Measured, fp32_accuracy: float | None) -> dict
     return {name: share for name, (broken, share) in shares.items() if broken}
 
 
-def unjudged(c: Constraints, m: Measured, fp32_accuracy: float | None) -> list[str]:
+def unjudged(c: Constraints, m: Measured, fp32_accuracy: float | None,
+             reference_id: str = REFERENCE_VARIANTS[0]) -> list[str]:
     """Return, in words, the bounds ``c`` sets that ``m`` cannot be judged on for lack of a figure: power
-    without a power figure (no sensor, no estimate), accuracy without its own or fp32's accuracy (no eval
-    set; an fp32 accuracy of 0 or less counts as none), fidelity without an SNR. :func:`violations` leaves those
-    out, so a variant that meets the rest is feasible; this says what that feasibility did not cover."""
+    without a power figure (no sensor, no estimate), accuracy without its own or the reference's accuracy
+    (``fp32_accuracy``, of the variant ``reference_id``; no eval set; one of 0 or less counts as none), fidelity without
+    an SNR. :func:`violations` leaves those out, so a variant that meets the rest is feasible; this says what that
+    feasibility did not cover."""
     missing = {"max_power_w": m.avg_w is None,
                "min_accuracy_ratio": m.accuracy is None or math.isnan(_positive(_nan(fp32_accuracy))),
                "min_fidelity_snr_db": m.snr_db is None}
-    return [describe(name, c) for name, gone in missing.items() if gone and getattr(c, name) is not None]
+    return [describe(name, c, reference_id) for name, gone in missing.items() if gone and getattr(c, name) is not None]
 
 
 def broken_text(c: Constraints, m: Measured, broken: Iterable[str],
-                reference: tuple[float, str, str] | None = None) -> str:
+                reference: tuple[float, str, str] | None = None, reference_id: str = REFERENCE_VARIANTS[0]) -> str:
     """Return each bound in ``broken`` (constraint names) with the figure of ``m`` that broke it and where that came
     from, e.g. ``p90 <= 20 ms (31.2 ms p90, the device's clock)``, joined by commas. ``reference``: the accuracy the
     accuracy bound was judged against, where it came from and its variant (one of :data:`REFERENCE_VARIANTS`; e.g.
     ``(0.5375, "the device's newest fp32 benchmark", "fp32")``), shown with the ratio: ``accuracy >= 0.99 x fp32
-    (51.25% on the eval set, 0.9535 x fp32's 53.75%, the device's newest fp32 benchmark)``.
+    (51.25% on the eval set, 0.9535 x fp32's 53.75%, the device's newest fp32 benchmark)``; without it, the bound
+    names ``reference_id``.
 
     Raises:
         KeyError: a name in ``broken`` is not a constraint.
     """
-    ref_id = reference[2] if reference is not None else REFERENCE_VARIANTS[0]
+    ref_id = reference[2] if reference is not None else reference_id
     return ", ".join(f"{describe(k, c, ref_id)} ({measured_text(k, m, reference)})" for k in broken)
 
 

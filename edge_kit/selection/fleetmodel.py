@@ -153,6 +153,7 @@ class FleetSpec:
     flagged: np.ndarray | None = None
     flagged_why: dict[int, str] | None = None  # why each was flagged before (kept while nothing newer says why)
     targets: tuple[tuple[str, ...], ...] | None = None  # per profile, its targets most preferred first (ties)
+    reference_id: str = "fp32"  # the variant fp32_accuracy is of: the manifest's reference
 
     def __post_init__(self) -> None:
         """Check the shapes agree.
@@ -958,7 +959,7 @@ def violated(plan: Plan, d: int) -> list[str]:
     f = plan.figures.values
     shares = overshoot(c, f["p90_ms"][d, v, 0], f["avg_w"][d, v, 0], spec.model_mb[spec.profile[d], v],
                        f["accuracy"][d, v, 0], spec.fp32_accuracy[d], f["snr_db"][d, v, 0])
-    return [describe(k, c) for k, (broken, _share) in shares.items() if bool(broken)]
+    return [describe(k, c, spec.reference_id) for k, (broken, _share) in shares.items() if bool(broken)]
 
 
 KIND = "fleet selection"
@@ -1046,7 +1047,7 @@ def unjudged_bounds(plan: Plan, d: int, v: int) -> list[str]:
     m = Measured(spec.variants[v], float(f["p90_ms"][d, v, 0]), known(f["avg_w"][d, v, 0]), known(f["energy_mj"][d, v, 0]),
                  "measured" if plan.figures.measured[d, v] else "inferred", known(f["accuracy"][d, v, 0]),
                  float(spec.model_mb[spec.profile[d], v]), known(f["snr_db"][d, v, 0]))
-    return unjudged(spec.constraints[spec.constraint_group[d]], m, known(spec.fp32_accuracy[d]))
+    return unjudged(spec.constraints[spec.constraint_group[d]], m, known(spec.fp32_accuracy[d]), spec.reference_id)
 
 
 def _row_violates(plan: Plan, d: int, v: int) -> list[str]:

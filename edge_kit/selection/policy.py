@@ -305,7 +305,8 @@ def _first(wanted: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Request:
-    """One device to decide for: its candidates, its constraints, its fp32 accuracy, what it runs."""
+    """One device to decide for: its candidates, its constraints, its reference's accuracy (``fp32_accuracy``: the
+    accuracy bound's base, of the variant ``reference_id``), what it runs."""
 
     device: str
     candidates: list[Candidate]
@@ -313,12 +314,15 @@ class Request:
     fp32_accuracy: float | None
     current_sha: str | None
     targets: tuple[str, ...] = ()  # its profile's targets, most preferred first (ties); () for none
+    reference_id: str = "fp32"  # the manifest's reference (onnx-fp32 for an ONNX model without LiteRT variants)
 
 
 def choose(device: str, candidates: list[Candidate], constraints: Constraints, *, fp32_accuracy: float | None,
-           current_sha: str | None, margin: float = DEFAULT_MARGIN, targets: tuple[str, ...] = ()) -> Decision:
+           current_sha: str | None, margin: float = DEFAULT_MARGIN, targets: tuple[str, ...] = (),
+           reference_id: str = "fp32") -> Decision:
     """Return the decision for one device, with its table and reason (see the module docstring for the rules)."""
-    return choose_all([Request(device, candidates, constraints, fp32_accuracy, current_sha, targets)], margin)[0]
+    return choose_all([Request(device, candidates, constraints, fp32_accuracy, current_sha, targets, reference_id)],
+                      margin)[0]
 
 
 def choose_all(requests: list[Request], margin: float = DEFAULT_MARGIN) -> list[Decision]:
@@ -360,8 +364,9 @@ def _decision(r: Request, got: Choices | None, row: int, margin: float) -> Decis
                       "p90_ms": m.p90_ms if m else None, "accuracy": m.accuracy if m else None,
                       "energy_mj": m.energy_mj if m else None, "avg_w": m.avg_w if m else None,
                       "power_source": m.power_source if m else None, "model_mb": round(c.bytes / 1e6, 3),
-                      "violates": [describe(k, constraints) for k in broken], "current": c.sha256 == current_sha,
-                      "unjudged": unjudged(constraints, m, r.fp32_accuracy) if m else []})
+                      "violates": [describe(k, constraints, r.reference_id) for k in broken],
+                      "current": c.sha256 == current_sha,
+                      "unjudged": unjudged(constraints, m, r.fp32_accuracy, r.reference_id) if m else []})
     base = Decision(r.device, None, None, current.variant if current else None, False, False, "")
     if got is None:
         if not candidates:
@@ -381,7 +386,8 @@ def _decision(r: Request, got: Choices | None, row: int, margin: float) -> Decis
         if chosen.measured is not None:  # by how much, with where each figure came from ("violates least" alone
             # left the user guessing how far off)
             reason += ": " + broken_text(constraints, chosen.measured, violations(constraints, chosen.measured,
-                                                                                r.fp32_accuracy))
+                                                                                r.fp32_accuracy),
+                                         reference_id=r.reference_id)
     elif stays:
         reason = (f"stays on {chosen.variant}: feasible, and no feasible variant beats it by more than "
                   f"the {margin:.0%} margin in every recent measurement")

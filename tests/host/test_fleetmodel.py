@@ -466,6 +466,11 @@ def test_a_bound_no_device_of_the_profile_has_a_figure_for_is_not_judged_and_the
     judged = decisions_of(plan_measurements(replace(spec, constraints=(Constraints(max_latency_p90_ms=50.0),)), m,
                                             budget=0), {x: x for x in spec.variants}, [0])[0]
     assert judged.unjudged == [] and "not judged" not in judged.reason
+    # an ONNX model without LiteRT variants: the accuracy bound is a share of onnx-fp32's (it said 'x fp32')
+    onnx = replace(spec, constraints=(Constraints(max_latency_p90_ms=50.0, min_accuracy_ratio=0.9),),
+                   fp32_accuracy=np.full(len(spec.devices), np.nan), reference_id="onnx-fp32")
+    d = decisions_of(plan_measurements(onnx, m, budget=0), {x: x for x in spec.variants}, [0])[0]
+    assert d.unjudged == ["accuracy >= 0.9 x onnx-fp32"], d
 
 
 def test_the_report_names_the_bounds_a_feasible_choice_was_not_judged_on(tmp_path):

@@ -52,6 +52,19 @@ def test_constraints_exclude_variants_and_the_table_says_why():
         d.reason
 
 
+def test_the_accuracy_bound_names_the_reference_an_onnx_model_without_litert_variants_has():
+    """An ONNX model compiled for ONNX Runtime and TensorRT variants alone has onnx-fp32 as its reference, no fp32:
+    select's table and reason said 'accuracy >= 0.98 x fp32', a variant the model does not have."""
+    cands = [cand("onnx-fp32", 12, 0.99, 2.0), cand("onnx-int8", 3, 0.95, 1.0)]
+    d = choose("d", cands, C, fp32_accuracy=0.99, current_sha=None, reference_id="onnx-fp32")
+    rows = {r["variant"]: r for r in d.table}
+    assert rows["onnx-int8"]["violates"] == ["accuracy >= 0.98 x onnx-fp32"] and d.chosen == "onnx-int8"
+    assert d.reason.endswith("onnx-int8 violates least: accuracy >= 0.98 x onnx-fp32 (95.00% on the eval set)"), d.reason
+    no_power = [replace(c, history=(replace(c.history[0], avg_w=None),)) for c in cands]
+    d = choose("d", no_power, C, fp32_accuracy=None, current_sha=None, reference_id="onnx-fp32")
+    assert "accuracy >= 0.98 x onnx-fp32" in d.table[0]["unjudged"], d.table[0]
+
+
 def test_an_infeasible_reason_quotes_the_figures_that_break_the_bounds():
     """With a bound nothing meets, the reason read "infeasible: no variant meets every constraint; fp32 violates
     least": the user could not tell by how much, nor where the figure came from."""
