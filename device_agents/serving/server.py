@@ -708,6 +708,14 @@ class Server:
         if shadow is not None:
             shadow.offer(served, arrays, outputs)
 
+    def take_shadow(self, served: _Served, arrays: dict[str, np.ndarray],
+                    outputs: dict[str, np.ndarray]) -> tuple[Shadow, tuple] | None:
+        """Copy a request's inputs for the shadow run, if one runs beside ``served`` and takes them (never blocks);
+        return the run and what its :meth:`Shadow.send` hands the child once the request is answered, or None."""
+        shadow = self.shadow
+        taken = shadow.take(served, arrays, outputs) if shadow is not None else None
+        return (shadow, taken) if taken is not None else None
+
     # --- one socket connection --------------------------------------------------------------------
 
     def _handle(self, conn: Any) -> None:
@@ -761,9 +769,13 @@ class Server:
                         if not _answer(conn, answer):
                             return
                         continue
-                    if "shm" in header:  # the client may write its memory file again once answered: offered first
-                        self.offer_shadow(served, arrays, outputs)
-                    if not _answer(conn, served.answer_head(outputs, round(took / 1e6, 4)), outputs):
+                    # the client may write its memory file again once answered: its inputs are copied first, and the
+                    # child is woken after the answer (its wake-up took as long as the copy, on the request's time)
+                    taken = self.take_shadow(served, arrays, outputs) if "shm" in header else None
+                    answered = _answer(conn, served.answer_head(outputs, round(took / 1e6, 4)), outputs)
+                    if taken is not None:
+                        taken[0].send(taken[1])
+                    if not answered:
                         return
                     if "shm" not in header:  # after the answer: the shadow never delays a request
                         self.offer_shadow(served, arrays, outputs)

@@ -275,21 +275,31 @@ class Shadow:
 
     def offer(self, served: Any, arrays: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Maybe hand one answered request's inputs to the shadow process (never blocks, never raises)."""
+        taken = self.take(served, arrays, outputs)
+        if taken is not None:
+            self.send(taken)
+
+    def take(self, served: Any, arrays: dict[str, np.ndarray],
+             outputs: dict[str, np.ndarray]) -> tuple[int, int, list] | None:
+        """Maybe copy one request's inputs into a free slot, its share, rate, load and slots allowing (counted when
+        not); return what :meth:`send` hands the child, or None. The copy is all a request whose inputs its client
+        may overwrite once answered waits for: :meth:`send` wakes the child, after the answer. Never blocks, never
+        raises."""
         if served is not self.serving or self.ended or random.random() >= self.share:
-            return
+            return None
         with self._lock:
             now = time.monotonic()
             self._tokens = min(self.max_per_s, self._tokens + (now - self._last) * self.max_per_s)
             self._last = now
             if self._tokens < 1:
                 self.counts["skipped_rate"] += 1
-                return
+                return None
             if os.getloadavg()[0] >= self.max_load:  # the device is busy: its own work first
                 self.counts["skipped_busy_cpu"] += 1
-                return
+                return None
             if not self._free:
                 self.counts["dropped_queue_full"] += 1
-                return
+                return None
             self._tokens -= 1
             slot = self._free.pop()
             self._seq += 1
@@ -308,13 +318,25 @@ class Shadow:
                           casting="unsafe")
                 specs.append((name, a.shape))
                 at += 4 * n
+            return seq, slot, specs
+        except Exception:  # noqa: BLE001 - inputs that do not fit (or a closed run's slots): not compared
+            self._lost(seq, slot)
+            return None
+
+    def send(self, taken: tuple[int, int, list]) -> None:
+        """Hand the child the slot :meth:`take` filled (never blocks on the child, never raises)."""
+        try:
             with self._send_lock:  # request threads of several clients share the pipe
-                self._conn.send((seq, slot, specs))
-        except Exception:  # noqa: BLE001 - a closed pipe (the run ended) or inputs that do not fit: not compared
-            with self._lock:
-                self._pending.pop(seq, None)
-                self._free.append(slot)
-                self.counts["errors"] += 1
+                self._conn.send(taken)
+        except Exception:  # noqa: BLE001 - a closed pipe: the run ended
+            self._lost(taken[0], taken[1])
+
+    def _lost(self, seq: int, slot: int) -> None:
+        """Give ``slot`` back and count input ``seq`` as an error: it never reached the child."""
+        with self._lock:
+            self._pending.pop(seq, None)
+            self._free.append(slot)
+            self.counts["errors"] += 1
 
     # --- the child's answers ----------------------------------------------------------------------
 

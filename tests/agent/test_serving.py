@@ -659,6 +659,41 @@ def test_a_shadow_child_that_falls_behind_or_dies_never_holds_up_a_request(wait,
     assert server.snapshot()["shadow"] is None
 
 
+def test_a_shared_memory_request_is_answered_before_the_shadow_child_is_woken(wait, store, server):
+    """Inputs in the client's memory file (which it may overwrite once answered) are copied for the shadow before
+    the answer; handing them to the child (a pipe write that wakes it) waits until the answer went out."""
+    import threading
+
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,
+                      max_load=1e9)
+    release = threading.Event()
+
+    class HeldPipe:  # the child's pipe, whose writes wait for release
+        def __init__(self, conn):
+            self.conn = conn
+
+        def send(self, msg):
+            release.wait(10)
+            self.conn.send(msg)
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+
+    server.shadow._conn = HeldPipe(server.shadow._conn)
+    try:
+        with Client(store.root) as client:
+            x = client.shared({"image": samples(1)[0]})
+            t = time.perf_counter()
+            assert client.predict(x)["output_0"].shape == (10,)
+            assert time.perf_counter() - t < 5.0  # answered while the write to the child is held
+            x["image"][:] = 0  # the client's next input, written over the one offered
+    finally:
+        release.set()
+    assert wait(lambda: server.snapshot()["shadow"]["compared"] == 1, 60), server.snapshot()["shadow"]
+    expected = ModelRunner(make(store.model_path(store.shas["fp32"]))).predict(samples(1))["output_0"][0]
+    np.testing.assert_allclose(server.shadow.pairs[0][1]["output_0"], expected, rtol=1e-5, atol=1e-6)  # the input answered
+
+
 def test_frames_sent_back_to_back_in_one_write_are_each_answered(store, server):
     """The server reads with recv_into into one buffer: bytes of the next frame that arrive with this
     one are kept for it (a client that pipelines, or a slow one whose frame comes in pieces)."""
