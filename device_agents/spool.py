@@ -1,4 +1,5 @@
-"""The on-disk outbox: every record is written here before it is published, and removed on PUBACK.
+"""The on-disk outbox: every record is written here before it is published, and removed on PUBACK (in the
+transaction of the next write: a PUBACK costs no commit of its own).
 
 SQLite (standard library) in WAL mode: one row per message, plus the per-kind ``seq`` counters,
 so a record and its sequence number are committed together and survive an agent restart.
@@ -30,6 +31,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,6 +84,7 @@ class Spool:
         self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._sync = ""
         self._undone: set[int] = set()  # acknowledged rows a full disk kept us from deleting
+        self._acked: deque[int] = deque()  # acknowledged rows not deleted yet: done() appends, without the lock
         self._unsaved: dict[str, int] = {}  # next_seq numbers a full disk kept us from writing
         self._uncounted: dict[str, int] = {}  # count()s not on disk yet (at most COUNT_EVERY_S old)
         self._counted_at = 0.0  # monotonic time counters last reached the disk
@@ -224,7 +227,8 @@ class Spool:
             self._db.execute("BEGIN IMMEDIATE")
             dropped = 0  # rows this transaction deletes: counted once it commits (a failed build rolls them back)
             try:
-                if self._count >= self.max_records:
+                acked, gone = self._forget()
+                if self._count - gone >= self.max_records:
                     oldest = self._db.execute(f"SELECT id, kind FROM outbox WHERE kind IN ({', '.join('?' * len(DROPPABLE))}) "
                                               "ORDER BY id LIMIT 1", DROPPABLE).fetchone()
                     if oldest is not None:
@@ -234,6 +238,8 @@ class Spool:
                     elif kind in DROPPABLE:
                         self._bump("dropped." + kind)
                         self._db.execute("COMMIT")
+                        self._undone -= acked
+                        self._count -= gone
                         return None, None
                 payload = build(self._bump("seq." + kind))
                 if answers is not None:
@@ -244,31 +250,69 @@ class Spool:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._count += 1 - dropped
+            self._undone -= acked
+            self._count += 1 - dropped - gone
             return row, payload
 
     def done(self, row_id: int) -> None:
-        """Forget a row once the broker has acknowledged it (idempotent).
+        """Forget a row once the broker has acknowledged it (idempotent); returns nothing, never raises.
 
-        Never raises: when the disk is too full even to delete (SQLite writes the deletion to its
-        log first), the row is remembered and deleted with a later one; after a restart it would be
-        sent again, which receivers drop by ``msg_id``.
+        It is deleted in the transaction of the next :meth:`add`, or at the next :meth:`stats`, :meth:`close` or
+        :meth:`pending` with nothing to return (the publisher polls so at least every half second while connected),
+        and left out of :meth:`pending` meanwhile: a PUBACK costs no commit of its own, and paho's network thread,
+        which calls this, neither writes the disk nor waits for this spool's lock. A row not deleted yet at a crash
+        is sent again after the restart, as one a disk too full to delete it kept (SQLite writes the deletion to its
+        log first): receivers drop both by ``msg_id``.
         """
-        with self._lock:
-            self._undone.add(row_id)
+        self._acked.append(row_id)  # deque.append is atomic: no lock
+
+    def _forget(self) -> tuple[set[int], int]:
+        """Delete the acknowledged rows (:meth:`done`, and those a full disk kept) in the transaction the caller holds
+        open with the lock. Returns the rows tried and how many were still there: once the caller committed, it takes
+        the first from ``_undone`` and the second from ``_count``.
+
+        Raises:
+            sqlite3.OperationalError: the deletion cannot be written (a full disk): the caller rolls back.
+        """
+        acked = self._acknowledged()
+        return acked, sum(self._db.execute("DELETE FROM outbox WHERE id = ?", (row,)).rowcount for row in sorted(acked))
+
+    def _acknowledged(self) -> set[int]:
+        """Return (a copy of) the acknowledged rows not deleted yet, taking :meth:`done`'s into ``_undone`` one by one
+        (a deque's popleft is atomic, iterating it while paho's thread appends is not); caller holds the lock."""
+        while self._acked:
+            self._undone.add(self._acked.popleft())
+        return set(self._undone)
+
+    def _forget_now(self) -> None:
+        """Delete the acknowledged rows in a transaction of their own (caller holds the lock); returns nothing, never
+        raises: a full disk keeps them for the next try."""
+        if not self._acked and not self._undone:
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                for row in sorted(self._undone):
-                    if self._db.execute("DELETE FROM outbox WHERE id = ?", (row,)).rowcount:
-                        self._count -= 1
-                    self._undone.discard(row)
-            except sqlite3.OperationalError as exc:  # "database or disk is full"
-                log.warning("spool: %d acknowledged row(s) not deleted yet: %s", len(self._undone), exc)
+                acked, gone = self._forget()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:  # "database or disk is full"
+            log.warning("spool: %d acknowledged row(s) not deleted yet: %s", len(self._undone), exc)
+            return
+        self._undone -= acked
+        self._count -= gone
 
     def pending(self, limit: int = 1000, after: int = 0) -> list[tuple[int, str, bytes]]:
-        """Return up to ``limit`` unacknowledged rows with id above ``after``, oldest first."""
+        """Return up to ``limit`` unacknowledged rows with id above ``after``, oldest first: the acknowledged rows
+        not deleted yet are left out, and deleted when there is none to return (the publisher's poll while idle)."""
         with self._lock:
-            return self._db.execute("SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            rows = self._db.execute("SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                                     (after, limit)).fetchall()
+            if not rows:
+                self._forget_now()
+            acked = self._acknowledged()
+            return [row for row in rows if row[0] not in acked] if acked else rows
 
     def stats(self) -> dict[str, int]:
         """Return ``pending`` (rows waiting), ``dropped_telemetry``, ``dropped_live`` and ``dropped_shadow`` (rows of
@@ -284,6 +328,7 @@ class Spool:
         (messages holding a NaN, an infinity or a value with no JSON form, which cannot be signed: never sent), ``damaged_spools``
         (spools found damaged and replaced at start) and ``max_records``."""
         with self._lock:
+            self._forget_now()
             return {"pending": self._count, **{f"dropped_{k}": self._counter("dropped." + k) for k in DROPPABLE},
                     "refused_commands": self._counter("refused"), "replayed_commands": self._counter("replayed"),
                     "expired_commands": self._counter("expired"),
@@ -369,6 +414,7 @@ class Spool:
     def close(self) -> None:
         """Close the database (rows and counts stay on disk for the next start)."""
         with self._lock:
+            self._forget_now()
             try:
                 self._save_counts()
             except (sqlite3.Error, OSError) as exc:

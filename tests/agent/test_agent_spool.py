@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 
 from device_agents.spool import Spool
@@ -102,10 +103,40 @@ def test_an_acknowledged_row_the_full_disk_kept_from_deleting_is_deleted_with_th
 
     spool._db = Full()
     spool.done(r1)  # never raises (it runs on paho's thread)
-    assert [r[0] for r in spool.pending()] == [r1, r2]
+    assert spool.stats()["pending"] == 2  # its deletion failed: still on disk
+    assert [r[0] for r in spool.pending()] == [r2]  # but not handed out again
     spool._db = real
     spool.done(r2)
     assert spool.pending() == [] and spool.stats()["pending"] == 0
+
+
+def test_a_puback_writes_nothing_and_its_row_leaves_the_disk_with_the_next_write(tmp_path):
+    """done() runs on paho's network thread for every PUBACK: it takes no commit (nor the spool's lock) of its own;
+    the acknowledged rows are deleted in the next add()'s transaction, and left out of pending() meanwhile."""
+    spool = Spool(tmp_path / "s.db")
+    r1, _ = add(spool, "telemetry")
+    r2, _ = add(spool, "telemetry")
+    statements = []
+    spool._db.set_trace_callback(statements.append)
+    with spool._lock:  # held elsewhere (an add() signing its record): done() does not wait for it
+        acked = threading.Thread(target=spool.done, args=(r1,), daemon=True)
+        acked.start()
+        acked.join(5)
+        assert not acked.is_alive()
+    assert statements == []
+    assert [r[0] for r in spool.pending()] == [r2]
+    r3, _ = add(spool, "telemetry")
+    assert statements.count("COMMIT") == 1  # the deletion rode on the add's commit
+    other = sqlite3.connect(tmp_path / "s.db")
+    assert [r[0] for r in other.execute("SELECT id FROM outbox ORDER BY id")] == [r2, r3]
+    spool.done(r2)
+    spool.done(r2)  # idempotent
+    assert spool.pending(after=r3) == []  # the idle publisher's poll: nothing to send, so the deletion is written
+    assert [r[0] for r in other.execute("SELECT id FROM outbox ORDER BY id")] == [r3]
+    spool.done(r3)
+    assert spool.stats()["pending"] == 0
+    assert other.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+    other.close()
 
 
 def test_status_and_reported_numbers_keep_rising_across_restarts_and_a_full_disk(tmp_path):
