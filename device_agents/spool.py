@@ -305,14 +305,15 @@ class Spool:
 
     def pending(self, limit: int = 1000, after: int = 0) -> list[tuple[int, str, bytes]]:
         """Return up to ``limit`` unacknowledged rows with id above ``after``, oldest first: the acknowledged rows
-        not deleted yet are left out, and deleted when there is none to return (the publisher's poll while idle)."""
+        not deleted yet are left out (they take none of ``limit``), and deleted when there is none to return (the
+        publisher's poll while idle)."""
         with self._lock:
-            rows = self._db.execute("SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-                                    (after, limit)).fetchall()
+            acked = self._acknowledged()
+            rows = [row for row in self._db.execute("SELECT id, topic, payload FROM outbox WHERE id > ? ORDER BY id "
+                                                    "LIMIT ?", (after, limit + len(acked))) if row[0] not in acked]
             if not rows:
                 self._forget_now()
-            acked = self._acknowledged()
-            return [row for row in rows if row[0] not in acked] if acked else rows
+            return rows[:limit]
 
     def stats(self) -> dict[str, int]:
         """Return ``pending`` (rows waiting), ``dropped_telemetry``, ``dropped_live`` and ``dropped_shadow`` (rows of

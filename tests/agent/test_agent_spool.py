@@ -139,6 +139,20 @@ def test_a_puback_writes_nothing_and_its_row_leaves_the_disk_with_the_next_write
     other.close()
 
 
+def test_acknowledged_rows_not_deleted_yet_take_no_room_in_what_pending_returns(tmp_path):
+    """``limit`` counts the rows returned: acknowledged ones still on disk (left out) do not use it up, so a row
+    waiting behind them is returned, never an empty list that reads as nothing left to send."""
+    spool = Spool(tmp_path / "s.db")
+    r1, r2, r3 = (add(spool, "bench")[0] for _ in range(3))
+    spool.done(r1)
+    spool.done(r2)
+    assert [r[0] for r in spool.pending(limit=2)] == [r3]
+    assert [r[0] for r in spool.pending(limit=1)] == [r3]
+    spool.done(r3)
+    assert spool.pending(limit=2) == []  # nothing to send: the deletions are written
+    assert spool._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+
+
 def test_status_and_reported_numbers_keep_rising_across_restarts_and_a_full_disk(tmp_path):
     """Retained messages are not spooled, but their seq is the spool's: a restart never numbers from 1 again
     (receivers order by seq and receive time), and a disk too full to write the counter still gives a higher one."""
