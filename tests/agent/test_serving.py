@@ -703,6 +703,7 @@ def test_a_shared_memory_request_whose_answer_fails_still_hands_its_shadow_slot_
 
     server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,
                       max_load=1e9)
+
     def no_memory(*a, **k):
         raise MemoryError
 
