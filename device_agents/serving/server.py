@@ -772,9 +772,11 @@ class Server:
                     # the client may write its memory file again once answered: its inputs are copied first, and the
                     # child is woken after the answer (its wake-up took as long as the copy, on the request's time)
                     taken = self.take_shadow(served, arrays, outputs) if "shm" in header else None
-                    answered = _answer(conn, served.answer_head(outputs, round(took / 1e6, 4)), outputs)
-                    if taken is not None:
-                        taken[0].send(taken[1])
+                    try:
+                        answered = _answer(conn, served.answer_head(outputs, round(took / 1e6, 4)), outputs)
+                    finally:  # whatever the answer met: a slot taken and never sent would be held for good
+                        if taken is not None:
+                            taken[0].send(taken[1])
                     if not answered:
                         return
                     if "shm" not in header:  # after the answer: the shadow never delays a request

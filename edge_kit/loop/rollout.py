@@ -91,7 +91,8 @@ def judge_canaries(results: list[DeviceResult], broken: dict[str, str], max_fail
 
 def broken_constraints(manifest: Manifest, dev: Device, result: DeviceResult) -> str | None:
     """Return the constraints the device's health benchmark broke, each with the figure that broke it and where
-    that came from (``p90 <= 20 ms (31.2 ms p90, the device's clock)``), or None when it broke none."""
+    that came from (``p90 <= 20 ms (31.2 ms p90, the device's clock)``; the accuracy bound a share of the manifest's
+    reference, fp32 or onnx-fp32), or None when it broke none."""
     if result.health is None:
         return None
     c = effective_constraints(load_profile(dev.profile).constraints, dev.constraints)
@@ -99,7 +100,7 @@ def broken_constraints(manifest: Manifest, dev: Device, result: DeviceResult) ->
     fp32 = manifest.reference()
     m = Measured.from_record(result.health, art.bytes if art and art.bytes else 0)
     broken = violations(c, m, fp32.accuracy.value if fp32 and fp32.accuracy else None)
-    return broken_text(c, m, broken) or None
+    return broken_text(c, m, broken, reference_id=manifest.reference_id) or None
 
 
 def pick_canaries(devices: list[Device], share: float) -> list[Device]:

@@ -694,6 +694,32 @@ def test_a_shared_memory_request_is_answered_before_the_shadow_child_is_woken(wa
     np.testing.assert_allclose(server.shadow.pairs[0][1]["output_0"], expected, rtol=1e-5, atol=1e-6)  # the input answered
 
 
+def test_a_shared_memory_request_whose_answer_fails_still_hands_its_shadow_slot_to_the_child(wait, store, server,
+                                                                                                  monkeypatch):
+    """The shadow has two slots: one taken for a request whose answer raised (no memory for it) and never handed to
+    the child would be held for good, and a second such request would end every comparison of the run."""
+    from device_agents.serving import server as server_module
+    from device_agents.serving.shadow import SLOTS
+
+    server.set_shadow(store.model_path(store.shas["fp32"]), store.shas["fp32"], "fp32", share=1.0, max_per_s=1000,
+                      max_load=1e9)
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(server_module, "write_frame", no_memory)
+    for _ in range(SLOTS):  # (the client sends each again once, on a new connection)
+        with Client(store.root) as client, pytest.raises(ServingError):
+            client.predict(client.shared({"image": samples(1)[0]}))
+    monkeypatch.setattr(server_module, "write_frame", write_frame)
+    assert wait(lambda: len(server.shadow._free) == SLOTS, 60), str(server.snapshot()["shadow"])  # all given back
+    compared = server.snapshot()["shadow"]["compared"]
+    with Client(store.root) as client:
+        assert client.predict(client.shared({"image": samples(1)[0]}))["output_0"].shape == (10,)
+    assert wait(lambda: server.snapshot()["shadow"]["compared"] == compared + 1, 60), str(server.snapshot()["shadow"])
+    assert server.snapshot()["shadow"]["errors"] == 0
+
+
 def test_frames_sent_back_to_back_in_one_write_are_each_answered(store, server):
     """The server reads with recv_into into one buffer: bytes of the next frame that arrive with this
     one are kept for it (a client that pipelines, or a slow one whose frame comes in pieces)."""

@@ -421,7 +421,7 @@ def test_a_canary_breaking_its_constraints_is_told_with_the_figures_that_broke_t
     from edge_kit.fleet.inventory import Device
     from edge_kit.loop.rollout import broken_constraints
 
-    manifest = SimpleNamespace(artifact=lambda _v: SimpleNamespace(bytes=3000),
+    manifest = SimpleNamespace(artifact=lambda _v: SimpleNamespace(bytes=3000), reference_id="fp32",
                                reference=lambda: SimpleNamespace(accuracy=SimpleNamespace(value=0.5375)))
     dev = Device(name="c1", host="127.0.0.1", user="edgekit", profile="rpi4",
                  constraints={"max_latency_p90_ms": 0.001})
@@ -430,3 +430,5 @@ def test_a_canary_breaking_its_constraints_is_told_with_the_figures_that_broke_t
     r = DeviceResult("c1", "succeeded", activated=True, variant="int8", health=health)  # type: ignore[arg-type]
     assert broken_constraints(manifest, dev, r) == ("p90 <= 0.001 ms (0.0396 ms p90, the device's clock), "
                                                     "accuracy >= 0.99 x fp32 (51.25% on the eval set)")
+    onnx = SimpleNamespace(**{**manifest.__dict__, "reference_id": "onnx-fp32"})  # no LiteRT variants: no fp32
+    assert broken_constraints(onnx, dev, r).endswith("accuracy >= 0.99 x onnx-fp32 (51.25% on the eval set)")
