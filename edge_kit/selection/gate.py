@@ -1,7 +1,7 @@
 """The live gate of a rollout: promote, hold or roll back a candidate from what devices see in production.
 
 Evidence per device is the serving API's service times (ms, the last requests answered by the
-model it serves now) and, where a shadow run compares it with the fp32 reference, the worst-output
+model it serves now) and, where a shadow run compares it with the reference (fp32, or onnx-fp32), the worst-output
 SNR of its live outputs. Canaries run the candidate; controls are devices of the same profiles that
 still run the current model, under the same kind of traffic.
 
@@ -60,7 +60,8 @@ class LiveEvidence:
 
 
 SOURCE = ("measured: service times of each device's serving API on its own traffic (perf_counter_ns on the device; "
-          "simulated devices time on the host that runs them), SNR from its shadow runs against the fp32 reference")
+          "simulated devices time on the host that runs them), SNR from its shadow runs against the reference (fp32; "
+          "onnx-fp32 for an ONNX model compiled without LiteRT variants)")
 DEVICE_TEST = "one-sided Mann-Whitney U (canary > control) on each device's median service time"
 REQUEST_TEST = ("one-sided Mann-Whitney U (canary > control) on pooled service times (requests): too few devices "
                 "for a device-level test at alpha; requests of one device are not independent, so this p-value is "
