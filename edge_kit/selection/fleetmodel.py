@@ -84,7 +84,13 @@ from typing import Any
 import numpy as np
 
 from edge_kit.profiles import Constraints
-from edge_kit.selection.constraints import Measured, describe, overshoot, unjudged
+from edge_kit.selection.constraints import (
+    REFERENCE_VARIANTS,
+    Measured,
+    describe,
+    overshoot,
+    unjudged,
+)
 from edge_kit.selection.policy import (
     DEFAULT_MARGIN,
     Decision,
@@ -153,7 +159,7 @@ class FleetSpec:
     flagged: np.ndarray | None = None
     flagged_why: dict[int, str] | None = None  # why each was flagged before (kept while nothing newer says why)
     targets: tuple[tuple[str, ...], ...] | None = None  # per profile, its targets most preferred first (ties)
-    reference_id: str = "fp32"  # the variant fp32_accuracy is of: the manifest's reference
+    reference_id: str = REFERENCE_VARIANTS[0]  # the variant fp32_accuracy is of: the manifest's reference
 
     def __post_init__(self) -> None:
         """Check the shapes agree.

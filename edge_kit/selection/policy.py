@@ -38,6 +38,7 @@ import numpy as np
 
 from edge_kit.profiles import Constraints
 from edge_kit.selection.constraints import (
+    REFERENCE_VARIANTS,
     Measured,
     broken_text,
     describe,
@@ -314,12 +315,12 @@ class Request:
     fp32_accuracy: float | None
     current_sha: str | None
     targets: tuple[str, ...] = ()  # its profile's targets, most preferred first (ties); () for none
-    reference_id: str = "fp32"  # the manifest's reference (onnx-fp32 for an ONNX model without LiteRT variants)
+    reference_id: str = REFERENCE_VARIANTS[0]  # the manifest's reference (onnx-fp32 for an ONNX model without LiteRT variants)
 
 
 def choose(device: str, candidates: list[Candidate], constraints: Constraints, *, fp32_accuracy: float | None,
            current_sha: str | None, margin: float = DEFAULT_MARGIN, targets: tuple[str, ...] = (),
-           reference_id: str = "fp32") -> Decision:
+           reference_id: str = REFERENCE_VARIANTS[0]) -> Decision:
     """Return the decision for one device, with its table and reason (see the module docstring for the rules)."""
     return choose_all([Request(device, candidates, constraints, fp32_accuracy, current_sha, targets, reference_id)],
                       margin)[0]
