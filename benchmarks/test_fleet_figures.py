@@ -30,6 +30,7 @@ from edge_kit.selection.policy import (
 from edge_kit.sim.broker import MosquittoBroker
 from edge_kit.sim.fleet import SimFleet
 from edge_kit.sim.links import parse_rate
+from edge_kit.sim.process import stop_process
 from edgekit_protocol import messages
 
 
@@ -251,27 +252,30 @@ def _ingest_rate(tmp_path, broker, n: int, workers: int, tag: str,
     share = f"ingest-{tag}" if workers > 1 else ""  # a fresh group: earlier runs' sessions are still members
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(fleet_file), str(store), share, f"{tag}-{w}", str(workers)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for w in range(workers)]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready"
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{tag}")
-    pub.max_inflight_messages_set(1000)
-    pub.connect(broker.host, broker.port)
-    pub.loop_start()
-    stream = [_bench_message(i) for i in range(n)]  # signed before the clock starts
-    infos = [pub.publish(messages.topic("scale", f"d{i % 50}", "bench"), stream[i], qos=1) for i in range(n)]
-    for info in infos:
-        info.wait_for_publish(60)
-    pub.disconnect()
-    pub.loop_stop()
-    _wait_idle(timeout=settle_s)
-    machine, mosquitto = _machine_cpu_s(), _process_cpu_s(broker.proc.pid)
-    for p in procs:
-        p.stdin.write(f"{n}\n")
-        p.stdin.flush()
-    results = [p.stdout.readline().split() for p in procs]
-    cpu = _machine_cpu_s() - machine, _process_cpu_s(broker.proc.pid) - mosquitto
-    for p in procs:
-        p.wait(timeout=30)
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{tag}")
+        pub.max_inflight_messages_set(1000)
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        stream = [_bench_message(i) for i in range(n)]  # signed before the clock starts
+        infos = [pub.publish(messages.topic("scale", f"d{i % 50}", "bench"), stream[i], qos=1) for i in range(n)]
+        for info in infos:
+            info.wait_for_publish(60)
+        pub.disconnect()
+        pub.loop_stop()
+        _wait_idle(timeout=settle_s)
+        machine, mosquitto = _machine_cpu_s(), _process_cpu_s(broker.proc.pid)
+        for p in procs:
+            p.stdin.write(f"{n}\n")
+            p.stdin.flush()
+        results = [p.stdout.readline().split() for p in procs]
+        cpu = _machine_cpu_s() - machine, _process_cpu_s(broker.proc.pid) - mosquitto
+    finally:
+        for p in procs:
+            p.stdin.close()  # one still waiting for its count reads the end and exits
+            stop_process(p, grace=30)
     stored = sum(int(r[0]) for r in results)
     started, finished = min(float(r[1]) for r in results), max(float(r[2]) for r in results)
     with open_history(store) as db:

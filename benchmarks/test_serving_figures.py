@@ -26,6 +26,7 @@ from device_agents.serving.frames import read_frame, write_frame
 from device_agents.serving.server import Interpreters, Server
 from device_agents.store import ModelStore
 from edge_kit import realmodels
+from edge_kit.sim.process import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +141,7 @@ def test_api_latency_against_in_process_invoke(served, figure):
         _pinned(every)
         for proc in servers:
             proc.stdin.close()
-            proc.wait(30)
+            stop_process(proc, grace=30)
     p50 = {k: np.median(v) / 1e6 for k, v in times.items()}
     cpu_us = {k: v / len(times[k]) * 1e6 for k, v in cpu.items()}
     n = len(times["api"])
@@ -191,7 +192,7 @@ def _round_trip_us(cpu_here: int, cpu_there: int, work_s: float, n: int = 2000) 
     finally:
         _pinned(every)
         a.close()
-        proc.wait(30)
+        stop_process(proc, grace=30)
     return float(np.median(times)) / 1e3
 
 
@@ -373,7 +374,7 @@ def test_serving_p99_with_shadow_runs_on_and_off(served, figure, tmp_path):
                             counts[k] += shadow[k]
     finally:
         proc.stdin.close()
-        proc.wait(30)
+        stop_process(proc, grace=30)
     ratios = np.array(p99["on"]) / np.array(p99["off"])
     ratio = float(np.median(ratios))
     offered = counts["compared"] + counts["dropped_queue_full"] + counts["errors"]

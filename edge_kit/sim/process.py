@@ -13,10 +13,19 @@ from contextlib import contextmanager
 from device_agents.disk import pid_alive
 
 
-def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM a child and wait for it; SIGKILL after ``timeout``. No-op when it has exited."""
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0, grace: float = 0.0) -> None:
+    """SIGTERM a child and wait for it; SIGKILL after ``timeout``. No-op when it has exited.
+
+    ``grace``: seconds to wait first for a child already told to exit another way (its stdin closed, a
+    command sent) before the SIGTERM: one that hangs is stopped, never left running after its caller."""
     if proc is None or proc.poll() is not None:
         return
+    if grace:
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
     proc.terminate()
     try:
         proc.wait(timeout=timeout)

@@ -358,3 +358,21 @@ def test_sim_ups_table_keeps_each_devices_root_whole_in_a_pipe(tmp_path, run_cli
     code, text, err = run_cli("sim", "up", "--devices", "1", "--profiles", "jetson-orin-nano", "--dir", tmp_path / "sim")
     assert code == 0, err
     assert "…" not in text and root in "".join(ln.split("OpenSSH sshd")[-1].strip() for ln in text.splitlines()[:8])
+
+
+def test_a_child_told_to_exit_is_given_its_grace_then_stopped_never_left_running():
+    """Benchmarks closed a server's stdin and waited 30 s: a hung server raised TimeoutExpired and ran on."""
+    from edge_kit.sim.process import stop_process
+
+    polite = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.PIPE)
+    try:
+        for p in (polite, hung):
+            p.stdin.close()
+        stop_process(polite, grace=30)
+        assert polite.returncode == 0  # it ended by itself: no signal
+        stop_process(hung, grace=0.5)
+        assert hung.returncode == -signal.SIGTERM
+    finally:
+        for p in (polite, hung):
+            p.kill()
