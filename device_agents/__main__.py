@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
-from device_agents.store import ModelStore, default_root
+from device_agents.store import SMOKE_TIMEOUT_S, ModelStore, default_root
 from edgekit_protocol.config import (
     INFERENCE_TIMEOUT_FACTOR,
     AgentConfig,
@@ -282,6 +282,8 @@ def _agent_bench(root: Path) -> BenchSettings:
 
 
 PAUSE_ASK_TIMEOUT_S = 30.0  # `activate` waits this long for the running agent to pause its serving of the Edge TPU
+# and this long for the running agent's own check and load of a model on it to end (its child is killed after 120 s)
+TURN_WAIT_S = SMOKE_TIMEOUT_S + 60.0
 
 
 @contextlib.contextmanager
@@ -292,36 +294,44 @@ def _serving_paused(store: ModelStore, sha: str, delegate: str, options: dict[st
     (a USB Coral opens for one process at a time): the agent serving at ``socket`` (None: serving is off) closes its
     interpreters that hold it until this process closes the connection, at the block's end or its own (killed
     included: :meth:`device_agents.serving.Client.pause`). ``pool``'s forkserver starts first, not during the pause.
-    Nothing listening at ``socket``: nothing to pause. An agent that cannot be asked (older than pausing, no
-    permission, no answer within :data:`PAUSE_ASK_TIMEOUT_S`): the block runs all the same, and a StoreError it raises
-    (a smoke check failed as busy) says why serving was not paused. Yields nothing; raises what the block raises."""
+    Before it asks, it waits its turn (:func:`device_agents.targets.edgetpu.turn`, :data:`TURN_WAIT_S` at most) while
+    the agent, restarted by the same deploy, checks and loads its own model on the Edge TPU, which no pause covers
+    (nothing is served yet); the agent waits for this process's turn the same way. Nothing listening at ``socket``:
+    nothing to pause. An agent that cannot be asked (older than pausing, no permission, no answer within
+    :data:`PAUSE_ASK_TIMEOUT_S`): the block runs all the same, and a StoreError it raises (a smoke check failed as busy)
+    says why serving was not paused. Yields nothing; raises what the block raises.
+
+    Raises:
+        AcceleratorBusy: the agent's turn did not end within :data:`TURN_WAIT_S`; the block did not run.
+    """
     from device_agents.serving.client import Client, ServingError
-    from device_agents.targets.edgetpu import EdgeTpu
+    from device_agents.targets.edgetpu import EdgeTpu, turn
 
     if socket is None or sha == store.current() or store.delegate_for(sha, delegate, options)[0] != EdgeTpu.key:
         yield  # no smoke check, or not on the Edge TPU
         return
     pool.warm()
-    client = Client(path=socket, timeout=PAUSE_ASK_TIMEOUT_S, shared_memory=False)
-    note = None
-    try:
-        client.pause(EdgeTpu.key, options, f"the smoke check of model {sha[:12]} by edgekit-agent activate opens the "
-                                           "Edge TPU it holds (one process at a time)")
-    except ServingError as exc:
-        if not isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError)):  # else: no agent running
-            who = running_agent(socket)
-            note = (f"the agent running at {socket}{who} is older than pausing its serving for another process: deploy "
-                    "this version to it (edgekit deploy), or stop it while activating"
-                    if str(exc).startswith("unknown op 'pause'") else
-                    f"the agent running at {socket}{who} did not pause its serving of the Edge TPU: {exc}")
-    try:
-        yield
-    except StoreError as exc:
-        if note is not None:
-            exc.args = (f"{exc}; {note}",)
-        raise
-    finally:
-        client.close()  # serving resumes
+    with turn(store.root, TURN_WAIT_S):  # opened after the forkserver started: its children never hold it
+        client = Client(path=socket, timeout=PAUSE_ASK_TIMEOUT_S, shared_memory=False)
+        note = None
+        try:
+            client.pause(EdgeTpu.key, options, f"the smoke check of model {sha[:12]} by edgekit-agent activate opens "
+                                               "the Edge TPU it holds (one process at a time)")
+        except ServingError as exc:
+            if not isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError)):  # else: no agent running
+                who = running_agent(socket)
+                note = (f"the agent running at {socket}{who} is older than pausing its serving for another process: "
+                        "deploy this version to it (edgekit deploy), or stop it while activating"
+                        if str(exc).startswith("unknown op 'pause'") else
+                        f"the agent running at {socket}{who} did not pause its serving of the Edge TPU: {exc}")
+        try:
+            yield
+        except StoreError as exc:
+            if note is not None:
+                exc.args = (f"{exc}; {note}",)
+            raise
+        finally:
+            client.close()  # serving resumes
 
 
 LIVE_TIMEOUT_S = 2.0  # `state` waits this long for the running agent's live figures

@@ -31,6 +31,11 @@ class AcceleratorUnavailable(StoreError):
     the model is not at fault; the message says what is missing and what to install."""
 
 
+class AcceleratorBusy(DeviceError):
+    """Another process holds an accelerator that opens for one process at a time (an Edge TPU) for a check or load of
+    its own: nothing is wrong with the model, it is tried again once that ends; the text names what holds it."""
+
+
 class SmokeFailed(StoreError):
     """The model failed its smoke inference; the text says how."""
 

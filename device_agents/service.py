@@ -33,6 +33,7 @@ from device_agents.bench import bench_in_child
 from device_agents.disk import Disk, atomic_write, is_out_of_space, read_json
 from device_agents.errors import (
     NO_ACTIVE_MODEL,
+    AcceleratorBusy,
     BenchFailed,
     CodeTampered,
     DeviceError,
@@ -61,7 +62,7 @@ from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
 from device_agents.targets import TARGETS, accelerator_missing
-from device_agents.targets.edgetpu import EdgeTpu
+from device_agents.targets.edgetpu import EdgeTpu, turn
 from edgekit_protocol import messages
 from edgekit_protocol.commands import MAX_TTL_S, Command, CommandError, parse_command
 from edgekit_protocol.config import AgentConfig
@@ -818,7 +819,10 @@ class Agent:
         While nothing is served, requests are told why: no model active, the active one loading (at the
         agent's start: its check in a child takes seconds), or the active one not servable. A served model whose
         interpreters a pause left unloaded (:meth:`Server.paused`: the Edge TPU unplugged meanwhile) is loaded again,
-        at each call (the service loop's, every second) until it loads."""
+        at each call (the service loop's, every second) until it loads. On an Edge TPU, the check and load take their
+        turn (:func:`~device_agents.targets.edgetpu.turn`): while another process checks a model on it (`edgekit-agent
+        activate`), nothing is loaded and nothing logged until a later call. Returns nothing; never raises what a load
+        raises."""
         sha = self.store.current()
         if self.server is None:
             return
@@ -834,10 +838,17 @@ class Agent:
         if self.server.current is None:
             self.server.no_model = (f"the agent is loading the active model {sha[:12]} (checked in a child "
                                     "first); retry in a moment")
+        # its check opens the Edge TPU, as `edgekit-agent activate`'s (a deploy without a broker, right after a restart)
+        on_tpu = self.cfg.bench.delegate == EdgeTpu.key
         try:
-            path = self.store.verify(sha)
-            self._loads_in_child(path, sha, self.cfg.bench)  # switched over SSH, or checked before a restart
-            self.server.serve_model(path, sha, (self.store.describe(sha) or {}).get("variant"))
+            with turn(self.store.root) if on_tpu else contextlib.nullcontext():
+                path = self.store.verify(sha)
+                self._loads_in_child(path, sha, self.cfg.bench)  # switched over SSH, or checked before a restart
+                self.server.serve_model(path, sha, (self.store.describe(sha) or {}).get("variant"))
+        except AcceleratorBusy:  # another process checks a model on it: tried again at the next call, once it ended
+            if self.server.current is None:
+                self.server.no_model = (f"the agent is loading the active model {sha[:12]} once another process's "
+                                        "check on the Edge TPU ends (edgekit-agent activate); retry in a moment")
         except EdgeKitError as exc:
             if sha != self._unservable:
                 log.error("%s", exc)

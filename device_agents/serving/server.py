@@ -53,7 +53,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from device_agents.errors import NO_ACTIVE_MODEL, DeviceError
+from device_agents.errors import NO_ACTIVE_MODEL, AcceleratorBusy, DeviceError
 from device_agents.inference import ModelRunner
 from device_agents.serving.frames import (
     MAGIC,
@@ -488,14 +488,15 @@ class Server:
         Paused already by this thread (the agent's bench, then its smoke check): just the block.
 
         Raises:
-            DeviceError: serving is paused already by another thread for another child (another process's pause,
-                :meth:`_hold_pause`), which holds the Edge TPU: this one would fail as busy; the block does not run.
+            AcceleratorBusy: serving is paused already by another thread for another child (another process's pause,
+                :meth:`_hold_pause`, until it has seen that process let go), which holds the Edge TPU: this one would
+                fail as busy; the block does not run.
         """
         served = self.current
         held = served.paused if served is not None and delegate == EdgeTpu.key else None
         if held is not None and served.pauser != threading.get_ident():  # EdgeTpu.held() is False, the other holds it
-            raise DeviceError(f"pause: serving is paused already ({held[1]}, for {time.monotonic() - held[0]:.0f} s): "
-                              "retry once that ends")
+            raise AcceleratorBusy(f"pause: serving is paused already ({held[1]}, for "
+                                  f"{time.monotonic() - held[0]:.0f} s): retry once that ends")
         if served is None or delegate != EdgeTpu.key or not EdgeTpu.held(options):
             yield None
             return

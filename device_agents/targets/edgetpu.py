@@ -12,8 +12,11 @@ On the device the target loads ``libedgetpu.so.1`` (Coral's ``libedgetpu1-std`` 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -23,8 +26,9 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
+from device_agents.errors import AcceleratorBusy
 from device_agents.targets.base import ModelFacts, OpLike, Target
 from edgekit_protocol.errors import ConfigError
 from edgekit_protocol.labels import clip, printable
@@ -220,6 +224,42 @@ def load_delegate(library: str, options: dict[str, str] | None = None) -> Any:
             continue
         return module.load_delegate(library, options or {})
     raise ImportError("neither ai-edge-litert nor tflite-runtime is installed")
+
+
+#: In an agent's root: held (flock) by the process that opens the Edge TPU for a model not served yet (:func:`turn`).
+TURN = "edgetpu.lock"
+TURN_POLL_S = 0.1  # how often a process waiting for its turn looks again
+
+
+@contextlib.contextmanager
+def turn(root: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """Run the ``with`` block, where this process opens the Edge TPU for a model that no serving interpreter holds yet,
+    holding ``<root>/``:data:`TURN` (an exclusive flock): the running agent's check and load of its current model (at
+    its start, or after a switch made over SSH) and `edgekit-agent activate`'s smoke check take turns there, as an Edge
+    TPU opens for one process at a time and the serving socket's pause covers only what is served. A process that ends
+    (killed included) lets it go. Waits ``wait_s`` at most for another process's turn to end. Yields nothing; raises
+    what the block raises.
+
+    Raises:
+        AcceleratorBusy: another process still holds it after ``wait_s`` (the file named).
+        OSError: the file cannot be opened (the root is missing or not this user's).
+    """
+    fd = os.open(root / TURN, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access: any user of the root
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AcceleratorBusy(f"another process holds the Edge TPU for a model it checks or loads "
+                                          f"({root / TURN} taken{f' for {wait_s:g} s' if wait_s else ''}: the running "
+                                          "agent, or edgekit-agent activate); retry once it ends") from None
+                time.sleep(TURN_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it
 
 
 #: How long an Edge TPU that opened is taken as attached without opening it again (seconds): the status after each

@@ -660,7 +660,9 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
     """Serving paused for one process (`edgekit-agent activate`), a second pause (another activate, or the agent's
     own smoke check or bench) found serving's interpreters holding no Edge TPU and was answered that there was nothing
     to pause: its child then failed as busy on the Coral the first one's child held, and nothing said why. It is
-    refused at once now, naming the pause that holds it, and serving resumes when the first ends."""
+    refused at once now, naming the pause that holds it, and serving resumes when the first ends. The agent's loop,
+    finding the model that process switched to before the agent saw its pause end, loads it at a later call, without
+    logging the refusal as an error."""
     import time
 
     import numpy as np
@@ -692,6 +694,10 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
         with pytest.raises(DeviceError, match=r"^pause: serving is paused already \(the first smoke check"):
             agent._activate(other_sha)  # the agent's own smoke check: its child would fail as busy, said why instead
         assert agent.store.current() == sha
+        agent.store._switch(other_sha, sha)  # switched by the pausing process, whose end the agent has not seen yet
+        agent.follow_current()  # not its turn: nothing loaded, nothing logged (it logged the refusal as an error)
+        assert agent.server.current.sha256 == sha and agent._unservable is None and coral.open_here == 0
+        agent.store.rollback()
         first.close()
         with Client(agent.store.root, timeout=30) as client:
             client.predict(x)  # resumed: waited for the first's end, then served again
@@ -709,7 +715,9 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
 # A fake USB Coral across processes, installed by sitecustomize in each process the test starts (and their children):
 # one process at a time holds it (a flock on the file EDGEKIT_FAKE_CORAL) while a delegate of that process lives, as
 # LiteRT's hold the Edge TPU; libedgetpu.so.1 loads. The interpreters run on the CPU. With EDGEKIT_FAKE_CORAL_SLOW (a
-# file), an interpreter's delegate (a smoke check's child) writes its pid there once it holds the Coral, then waits.
+# file), the first interpreter's delegate to find no such file (a smoke check's child) writes its pid there once it
+# holds the Coral, then waits as long as the file holds that pid (600 s at most): the test writes something else there
+# to end it.
 FAKE_CORAL = '''
 import os
 
@@ -763,10 +771,17 @@ if os.environ.get("EDGEKIT_FAKE_CORAL"):
 
         def load_delegate(self, library, options=None):
             delegate = _open()
-            if os.environ.get("EDGEKIT_FAKE_CORAL_SLOW"):
-                with open(os.environ["EDGEKIT_FAKE_CORAL_SLOW"], "w") as f:
-                    f.write(str(os.getpid()))
-                time.sleep(600)
+            slow = os.environ.get("EDGEKIT_FAKE_CORAL_SLOW")
+            try:
+                fd = os.open(slow, os.O_WRONLY | os.O_CREAT | os.O_EXCL) if slow else None
+            except FileExistsError:
+                fd = None
+            if fd is not None:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                until = time.monotonic() + 600
+                while time.monotonic() < until and open(slow).read() == str(os.getpid()):
+                    time.sleep(0.05)
             return delegate
 
         def Interpreter(self, *args, experimental_delegates=(), **kwargs):
@@ -782,11 +797,12 @@ if os.environ.get("EDGEKIT_FAKE_CORAL"):
 
 
 @pytest.fixture
-def agent_on_fake_coral(face, tmp_path, wait, offline_config):
-    """Yield ``(root, env, first, serving)``: `edgekit-agent run` (offline) serving edgetpu model ``first`` from the
-    fake USB Coral of :data:`FAKE_CORAL` (installed and activated by `edgekit-agent activate`, no agent running then),
-    in its own process; ``env``: what another process needs to see the same Coral; ``serving(sha)``: whether the agent
-    answers that it serves ``sha``. Stops the agent after the test."""
+def fake_coral(face, tmp_path, offline_config):
+    """Yield ``(root, env, first, serving, start)``: an agent root on the fake USB Coral of :data:`FAKE_CORAL`, edgetpu
+    model ``first`` installed and activated by `edgekit-agent activate` (no agent running); ``env``: what a process
+    needs to see that Coral; ``serving(sha)``: whether the agent answers that it serves ``sha``; ``start(env)``: start
+    `edgekit-agent run` (offline) in its own process with ``env`` (the agent's log in ``root/agent.log``). Stops the
+    agents started after the test."""
     import subprocess
     import sys
 
@@ -805,9 +821,12 @@ def agent_on_fake_coral(face, tmp_path, wait, offline_config):
     done = subprocess.run([sys.executable, "-m", "device_agents", "activate", "--sha256", first, "--root", str(root)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    agent = subprocess.Popen([sys.executable, "-m", "device_agents", "run", "--config", str(root / "agent.yaml"),
-                              "--log-file", str(root / "agent.log")], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    agents = []
+
+    def start(env):
+        agents.append(subprocess.Popen([sys.executable, "-m", "device_agents", "run", "--config",
+                                        str(root / "agent.yaml"), "--log-file", str(root / "agent.log")], env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def serving(sha):
         with Client(root, timeout=30) as client:
@@ -817,10 +836,19 @@ def agent_on_fake_coral(face, tmp_path, wait, offline_config):
                 return False
 
     try:
-        assert wait(lambda: serving(first), 120), (root / "agent.log").read_text()
-        yield root, env, first, serving
+        yield root, env, first, serving, start
     finally:
-        stop_process(agent, timeout=30)
+        for agent in agents:
+            stop_process(agent, timeout=30)
+
+
+@pytest.fixture
+def agent_on_fake_coral(fake_coral, wait):
+    """Return ``(root, env, first, serving)`` of :func:`fake_coral`, its agent started and serving ``first``."""
+    root, env, first, serving, start = fake_coral
+    start(env)
+    assert wait(lambda: serving(first), 120), (root / "agent.log").read_text()
+    return root, env, first, serving
 
 
 def test_activate_in_another_process_pauses_the_running_agents_edge_tpu_serving(agent_on_fake_coral, face, tmp_path,
@@ -921,6 +949,94 @@ def test_the_pause_another_process_asked_for_ends_when_that_process_is_killed(ag
         activate.stderr.close()
         if child is not None and os.path.exists(f"/proc/{child}"):
             os.kill(child, signal.SIGKILL)
+
+
+def test_activate_right_after_the_agent_restarted_waits_for_its_start_up_check(fake_coral, face, tmp_path, wait):
+    """A deploy without a broker restarts the agent, then runs `edgekit-agent activate` over SSH at once: the restarted
+    agent's start-up check of its current model (in a child) held the USB Coral and nothing was served yet, so the pause
+    it was asked for paused nothing and the activation's check found the Coral busy and failed. The activation waits for
+    the agent's check and load now (both take ``<root>/edgetpu.lock``), then pauses its serving as before: both pass,
+    and the agent serves the new model."""
+    import subprocess
+    import sys
+
+    root, env, first, serving, start = fake_coral
+    second = tmp_path / "second.tflite"
+    second.write_bytes(face.read_bytes() + b"\0")
+    sha = ModelStore(root).install(second, variant="edgetpu", model="blazeface").sha256
+    holding, log = tmp_path / "child.pid", root / "agent.log"
+    start({**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)})  # its start-up check's child holds the Coral until told
+    assert wait(lambda: holding.exists() and holding.read_text(), 120), log.read_text() if log.exists() else ""
+    activate = subprocess.Popen([sys.executable, "-m", "device_agents", "activate", "--sha256", sha, "--root",
+                                 str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait(lambda: activate.poll() is not None or waits_its_turn(activate.pid, root), 120)
+        holding.write_text("done")  # the agent's check ends
+        _, err = activate.communicate(timeout=300)
+        assert activate.returncode == 0, err
+    finally:
+        if activate.poll() is None:
+            activate.kill()
+            activate.communicate(timeout=30)
+    assert ModelStore(root).current() == sha
+    assert wait(lambda: serving(sha), 60), log.read_text()
+    said = log.read_text()
+    assert f"serving edgetpu {first[:12]}" in said  # its own check passed: it served the model it started with
+    assert f"paused: the smoke check of model {sha[:12]} by edgekit-agent activate" in said
+    assert " ERROR " not in said
+
+
+def waits_its_turn(pid: int, root) -> bool:
+    """Return whether process ``pid`` has ``root``'s Edge TPU turn file open (takes or waits for its turn)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(root / "edgetpu.lock") for fd in fds)
+    except OSError:  # gone, or a descriptor closed meanwhile
+        return False
+
+
+def test_an_agent_restarted_while_activate_checks_a_model_waits_for_that_check(fake_coral, face, tmp_path, wait):
+    """The other order: `edgekit-agent activate`'s smoke check holds the USB Coral when the agent starts. The agent's
+    start-up check found the Coral busy, logged an error and told requests that its model cannot be served until it
+    tried again. It waits for the activation now (``<root>/edgetpu.lock``), requests told so, then serves the model
+    activated."""
+    import subprocess
+    import sys
+
+    from device_agents.serving import Client, ServingError
+
+    root, env, first, serving, start = fake_coral
+    second = tmp_path / "second.tflite"
+    second.write_bytes(face.read_bytes() + b"\0")
+    sha = ModelStore(root).install(second, variant="edgetpu", model="blazeface").sha256
+    holding, log = tmp_path / "child.pid", root / "agent.log"
+    activate = subprocess.Popen([sys.executable, "-m", "device_agents", "activate", "--sha256", sha, "--root",
+                                 str(root)], env={**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def told() -> str | None:  # what a request is told of the active model, once past "checked in a child first"
+        with Client(root, timeout=30) as client:
+            try:
+                client.info()
+            except ServingError as exc:
+                return str(exc) if "active model" in str(exc) and "checked in a child first" not in str(exc) else None
+        return "served"
+
+    try:
+        assert wait(lambda: holding.exists() and holding.read_text(), 120), "activate's child never held the Coral"
+        start(env)
+        assert wait(told, 120), log.read_text() if log.exists() else ""
+        assert "once another process's check on the Edge TPU ends (edgekit-agent activate)" in told()
+        holding.write_text("done")  # the activation's check ends
+        _, err = activate.communicate(timeout=300)
+        assert activate.returncode == 0, err
+    finally:
+        if activate.poll() is None:
+            activate.kill()
+            activate.communicate(timeout=30)
+    assert wait(lambda: serving(sha), 120), log.read_text()
+    said = log.read_text()
+    assert " ERROR " not in said and f"serving edgetpu {first[:12]}" not in said
 
 
 def test_activate_says_why_the_running_agent_did_not_pause_its_serving(face, tmp_path, monkeypatch):

@@ -392,3 +392,24 @@ def test_an_interpreter_made_while_the_probe_looks_through_the_held_edge_tpus_wa
     while not made and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(made) == 1 and sorted(EdgeTpu._held.data.values()) == ["usb:0", "usb:1"], serving
+
+
+def test_a_process_waits_its_edge_tpu_turn_then_is_told_in_one_line_who_may_hold_it(tmp_path):
+    """The running agent's check and load of its model and `edgekit-agent activate`'s smoke check take turns on the
+    Edge TPU through ``<root>/edgetpu.lock`` (a flock: two opens of it exclude each other, in one process too). One
+    that waited its ``wait_s`` in vain is told in one line what holds it; the turn ended, the next one takes it."""
+    import time
+
+    from device_agents.errors import AcceleratorBusy
+    from device_agents.targets.edgetpu import turn
+
+    with turn(tmp_path):
+        t0 = time.monotonic()
+        with pytest.raises(AcceleratorBusy) as caught, turn(tmp_path, wait_s=0.3):
+            pass
+        assert 0.3 <= time.monotonic() - t0 < 5
+    assert str(caught.value) == (f"another process holds the Edge TPU for a model it checks or loads ({tmp_path}/"
+                                 "edgetpu.lock taken for 0.3 s: the running agent, or edgekit-agent activate); retry "
+                                 "once it ends")
+    with turn(tmp_path):  # let go
+        pass
