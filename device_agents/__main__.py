@@ -303,6 +303,7 @@ def _serving_paused(store: ModelStore, sha: str, delegate: str, options: dict[st
 
     Raises:
         AcceleratorBusy: the agent's turn did not end within :data:`TURN_WAIT_S`; the block did not run.
+        DeviceError: the turn's file does not open (:func:`~device_agents.targets.edgetpu.turn`); the block did not run.
     """
     from device_agents.serving.client import Client, ServingError
     from device_agents.targets.edgetpu import EdgeTpu, turn

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from device_agents.errors import AcceleratorBusy
+from device_agents.errors import AcceleratorBusy, DeviceError
 from device_agents.targets.base import ModelFacts, OpLike, Target
 from edgekit_protocol.errors import ConfigError
 from edgekit_protocol.labels import clip, printable
@@ -242,9 +242,15 @@ def turn(root: Path, wait_s: float = 0.0) -> Iterator[None]:
 
     Raises:
         AcceleratorBusy: another process still holds it after ``wait_s`` (the file named).
-        OSError: the file cannot be opened (the root is missing or not this user's).
+        DeviceError: the file does not open (the root is missing or not this user's), in one line naming it; the block
+            does not run.
     """
-    fd = os.open(root / TURN, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access: any user of the root
+    try:
+        fd = os.open(root / TURN, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access: any user of the root
+    except OSError as exc:
+        raise DeviceError(f"cannot take turns on the Edge TPU: {root / TURN} does not open ({exc.strerror or exc}); "
+                          "let the agent's user and the one running edgekit-agent activate read it and create files "
+                          f"in {root}") from None
     try:
         deadline = time.monotonic() + wait_s
         while True:

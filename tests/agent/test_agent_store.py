@@ -712,6 +712,35 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
         agent.spool.close()
 
 
+def test_an_agent_whose_edge_tpu_turn_file_does_not_open_says_so_once_and_serves_once_it_does(face, monkeypatch,
+                                                                                             offline_config, caplog):
+    """The running agent's check and load of its current model on an Edge TPU take ``<root>/edgetpu.lock``: one that
+    did not open raised a bare OSError out of follow_current, which ended the agent at its start (that call is outside
+    the service loop's guard) and logged a traceback every second after. It is logged once now, in one line naming the
+    file, requests are told why nothing is served, and the model is served once the file opens."""
+    import logging
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    lock = agent.store.root / "edgetpu.lock"
+    try:
+        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(sha)
+        lock.symlink_to(agent.store.root / "gone" / "edgetpu.lock")  # does not open
+        with caplog.at_level(logging.ERROR, logger="edgekit.agent"):
+            agent.follow_current()
+            agent.follow_current()  # the service loop's next second
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(said) == 1 and said[0].startswith(f"cannot take turns on the Edge TPU: {lock} does not open"), said
+        assert agent.server.current is None and coral.open_here == 0 and f"{lock} does not open" in agent.server.no_model
+        lock.unlink()
+        agent.follow_current()
+        assert agent.server.current.sha256 == sha and coral.open_here == 1
+    finally:
+        agent.spool.close()
+
+
 # A fake USB Coral across processes, installed by sitecustomize in each process the test starts (and their children):
 # one process at a time holds it (a flock on the file EDGEKIT_FAKE_CORAL) while a delegate of that process lives, as
 # LiteRT's hold the Edge TPU; libedgetpu.so.1 loads. The interpreters run on the CPU. With EDGEKIT_FAKE_CORAL_SLOW (a

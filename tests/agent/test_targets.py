@@ -413,3 +413,21 @@ def test_a_process_waits_its_edge_tpu_turn_then_is_told_in_one_line_who_may_hold
                                  "once it ends")
     with turn(tmp_path):  # let go
         pass
+
+
+def test_an_edge_tpu_turn_whose_file_does_not_open_is_one_line_naming_it(tmp_path):
+    """``<root>/edgetpu.lock`` that does not open (a root this user may not write, a file another user made
+    unreadable; here a link into a folder that is not there): a bare OSError came out, a traceback from `edgekit-agent
+    activate` and the end of the running agent at its start-up check. It is a one-line DeviceError naming the file
+    and what to do now; the block does not run."""
+    from device_agents.errors import DeviceError
+    from device_agents.targets.edgetpu import turn
+
+    (tmp_path / "edgetpu.lock").symlink_to(tmp_path / "gone" / "edgetpu.lock")
+    ran = []
+    with pytest.raises(DeviceError) as caught, turn(tmp_path):
+        ran.append(True)
+    assert not ran
+    assert str(caught.value) == (f"cannot take turns on the Edge TPU: {tmp_path}/edgetpu.lock does not open (No such "
+                                 "file or directory); let the agent's user and the one running edgekit-agent activate "
+                                 f"read it and create files in {tmp_path}")
