@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from device_agents.errors import StoreError, UsageError
 from device_agents.runtimes import RUNTIMES
-from device_agents.store import SMOKE_TIMEOUT_S, ModelStore, default_root
+from device_agents.store import ModelStore, default_root
 from edgekit_protocol.config import (
     INFERENCE_TIMEOUT_FACTOR,
     AgentConfig,
@@ -282,8 +282,6 @@ def _agent_bench(root: Path) -> BenchSettings:
 
 
 PAUSE_ASK_TIMEOUT_S = 30.0  # `activate` waits this long for the running agent to pause its serving of the Edge TPU
-# and this long for the running agent's own check and load of a model on it to end (its child is killed after 120 s)
-TURN_WAIT_S = SMOKE_TIMEOUT_S + 60.0
 
 
 @contextlib.contextmanager
@@ -306,7 +304,7 @@ def _serving_paused(store: ModelStore, sha: str, delegate: str, options: dict[st
         DeviceError: the turn's file does not open (:func:`~device_agents.targets.edgetpu.turn`); the block did not run.
     """
     from device_agents.serving.client import Client, ServingError
-    from device_agents.targets.edgetpu import EdgeTpu, turn
+    from device_agents.targets.edgetpu import TURN_WAIT_S, EdgeTpu, turn
 
     if socket is None or sha == store.current() or store.delegate_for(sha, delegate, options)[0] != EdgeTpu.key:
         yield  # no smoke check, or not on the Edge TPU

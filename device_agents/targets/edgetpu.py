@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 from device_agents.errors import AcceleratorBusy, DeviceError
+from device_agents.store import SMOKE_TIMEOUT_S
 from device_agents.targets.base import ModelFacts, OpLike, Target
 from edgekit_protocol.errors import ConfigError
 from edgekit_protocol.labels import clip, printable
@@ -229,6 +230,9 @@ def load_delegate(library: str, options: dict[str, str] | None = None) -> Any:
 #: In an agent's root: held (flock) by the process that opens the Edge TPU for a model not served yet (:func:`turn`).
 TURN = "edgetpu.lock"
 TURN_POLL_S = 0.1  # how often a process waiting for its turn looks again
+# How long `edgekit-agent activate` waits for the running agent's own check and load of a model to end (its child is
+# killed after SMOKE_TIMEOUT_S): what a host running it over SSH adds to its command timeout.
+TURN_WAIT_S = SMOKE_TIMEOUT_S + 60.0
 
 
 @contextlib.contextmanager

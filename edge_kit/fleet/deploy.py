@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from device_agents.targets import compiler_of
+from device_agents.targets.edgetpu import TURN_WAIT_S
 from edge_kit.errors import (
     AgentError,
     AgentTimeout,
@@ -52,7 +53,7 @@ from edge_kit.fleet.agent_install import ensure_agent
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.keys import readmit_hint, revoked_on
-from edge_kit.fleet.ssh import Cancelled, DeviceShell
+from edge_kit.fleet.ssh import COMMAND_TIMEOUT_S, Cancelled, DeviceShell
 from edge_kit.fsutil import sha256_file
 from edge_kit.manifest import Artifact, Manifest, read_manifest
 from edge_kit.profiles import load_profile
@@ -229,6 +230,9 @@ def check_built_for(artifacts: Path, devices: list[Device], variants: Iterable[s
 # How long an install of a built_on_device artifact (trt-*) may take: the agent builds its TensorRT engine
 # then (device_agents.runtimes.tensorrt.BUILD_TIMEOUT_S, plus the upload's move and checks).
 ENGINE_BUILD_TIMEOUT_S = 1900.0
+# `edgekit-agent activate` over SSH may first wait its turn on an Edge TPU (TURN_WAIT_S) while the agent this deploy
+# restarted checks its own model, then ask for serving's pause and run its own smoke check
+ACTIVATE_TIMEOUT_S = COMMAND_TIMEOUT_S + TURN_WAIT_S
 
 # The device runtime each artifact needs beyond the agent's own (LiteRT), and how to get it there.
 OPTIONAL_RUNTIMES = {"onnxruntime": "pip install 'edge-kit[agent-onnx]'",
@@ -301,6 +305,7 @@ def removed_text(activation: dict[str, Any]) -> str | None:
         return None
     freed = sum(m["bytes"] for m in removed if isinstance(m, dict) and in_range(m.get("bytes"), 1e18))
     return f"removed {len(removed)} old model(s), {size_text(freed)}, for the store budget"
+
 
 
 class _Deployer:
@@ -491,7 +496,7 @@ class _Deployer:
             DeployError: refused (reason given; nothing changed), or no healthy ack in time (rolled back).
         """
         if self.client is None:
-            return shell.agent("activate", "--sha256", target.sha256)
+            return shell.agent("activate", "--sha256", target.sha256, timeout=ACTIVATE_TIMEOUT_S)
         try:
             return self._request(shell.dev, "activate", {"sha256": target.sha256, "keep": keep})
         except AgentTimeout as exc:

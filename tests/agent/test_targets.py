@@ -431,3 +431,14 @@ def test_an_edge_tpu_turn_whose_file_does_not_open_is_one_line_naming_it(tmp_pat
     assert str(caught.value) == (f"cannot take turns on the Edge TPU: {tmp_path}/edgetpu.lock does not open (No such "
                                  "file or directory); let the agent's user and the one running edgekit-agent activate "
                                  f"read it and create files in {tmp_path}")
+
+
+def test_a_deploy_over_ssh_waits_for_activate_as_long_as_its_turn_pause_and_smoke_check_may_take():
+    """activate may wait its Edge TPU turn (TURN_WAIT_S), then for serving's pause and its own smoke check: about
+    330 s, where the host gave every agent command 300 s and reported the device failed while it still worked."""
+    from device_agents.__main__ import PAUSE_ASK_TIMEOUT_S
+    from device_agents.store import SMOKE_TIMEOUT_S
+    from device_agents.targets.edgetpu import TURN_WAIT_S
+    from edge_kit.fleet.deploy import ACTIVATE_TIMEOUT_S
+
+    assert ACTIVATE_TIMEOUT_S > TURN_WAIT_S + PAUSE_ASK_TIMEOUT_S + SMOKE_TIMEOUT_S + 60  # a minute to start and load
