@@ -217,7 +217,10 @@ class SpooledPublisher:
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
-            while self.connected.is_set() and not self._stop.is_set():
+            while True:
+                self.spool.checkpoint()  # now and then, connected or not: the WAL's fsyncs on this thread, not the writer's
+                if not self.connected.is_set() or self._stop.is_set():
+                    break
                 rows = self.spool.pending(self.batch, after=self._handed_upto)
                 if not rows:
                     break

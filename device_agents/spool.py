@@ -8,6 +8,14 @@ the periodic kinds (telemetry, live, shadow) with ``NORMAL`` (survives a crash o
 lose the last rows on power loss), which is what keeps the spool fast enough for a chatty telemetry
 interval.
 
+SQLite's checkpoints (the WAL's pages copied into the database file, with two fsyncs) are kept off the writer's path:
+the publisher's thread runs them on a connection of its own (:meth:`Spool.checkpoint`) every :data:`CHECKPOINT_EVERY`
+commits while the writer goes on, holding it back only to copy the last pages of a WAL past
+:data:`WAL_RESTART_PAGES`, so the WAL starts over at the next write. The WAL stays under :data:`WAL_MAX_PAGES` pages
+(16 MB) even when no checkpoint comes from there: past it the writer checkpoints itself, as SQLite does by default at
+1,000 pages. A checkpoint moves what is already committed: a crash at any moment loses nothing (SQLite replays the
+WAL at the next open).
+
 The spool is bounded by ``max_records``. When it is full the oldest periodic row (:data:`DROPPABLE`:
 telemetry, live figures, shadow comparisons; each is superseded by the next) is dropped to make room;
 benchmark records are never dropped (the bound may be exceeded for them). Every drop is counted per
@@ -41,6 +49,9 @@ log = logging.getLogger("edgekit.agent.spool")
 DROPPABLE = ("telemetry", "live", "shadow")  # the periodic kinds: the next message of each supersedes the last
 COUNT_EVERY_S = 1.0  # counters (count()) reach the disk at most this often: a flood of refusals is not a commit each
 HORIZON_S = 300.0  # how far behind the newest command's ts a command may still expire (commands sent in parallel)
+CHECKPOINT_EVERY = 100  # commits (about 500 WAL pages of telemetry records) after which checkpoint() copies the WAL
+WAL_RESTART_PAGES = 1000  # a WAL this long is made to start over by checkpoint() (4 MB of 4 KiB pages)
+WAL_MAX_PAGES = 4000  # the writer checkpoints itself past this many WAL pages (SQLite's wal_autocheckpoint; 16 MB)
 
 
 class Spool:
@@ -65,6 +76,8 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_records = max_records
         self._lock = threading.Lock()
+        self._ckpt_lock = threading.Lock()  # one checkpoint() at a time, and none once closed
+        self._commits = 0  # commits since checkpoint() last ran (add() and the deletions of acknowledged rows)
         try:
             self._open()
             damaged = None
@@ -121,6 +134,7 @@ class Spool:
         """
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_MAX_PAGES}")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                          "kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
@@ -130,6 +144,7 @@ class Spool:
             self._db.execute(f"ALTER TABLE seen ADD COLUMN expires REAL NOT NULL DEFAULT {time.time() + 86400:.0f}")
         self._db.execute("CREATE TABLE IF NOT EXISTS inbox (id TEXT PRIMARY KEY, n INTEGER NOT NULL, payload BLOB NOT NULL, "
                          "started INTEGER NOT NULL DEFAULT 0)")
+        self._ckpt: sqlite3.Connection | None = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
 
     def _synchronous(self, sync: str) -> None:
         """Set how the next commits reach the disk (caller holds the lock): ``FULL`` fsyncs each commit
@@ -252,6 +267,7 @@ class Spool:
                 raise
             self._undone -= acked
             self._count += 1 - dropped - gone
+            self._commits += 1
             return row, payload
 
     def done(self, row_id: int) -> None:
@@ -302,6 +318,7 @@ class Spool:
             return
         self._undone -= acked
         self._count -= gone
+        self._commits += 1
 
     def pending(self, limit: int = 1000, after: int = 0) -> list[tuple[int, str, bytes]]:
         """Return up to ``limit`` unacknowledged rows with id above ``after``, oldest first: the acknowledged rows
@@ -412,8 +429,37 @@ class Spool:
         with self._lock:
             return [(row[0], bool(row[1])) for row in self._db.execute("SELECT payload, started FROM inbox ORDER BY n")]
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file once :data:`CHECKPOINT_EVERY` commits were written since the last time
+        (a no-op before): called by the publisher's thread, so the writer does not wait for the checkpoint's fsyncs.
+        The copy runs on this spool's second connection without the lock (SQLite's PASSIVE checkpoint: writers go
+        on). A WAL of :data:`WAL_RESTART_PAGES` or more then has the pages written meanwhile copied with the lock held,
+        so the checkpoint is complete and the next write starts the WAL over: it does not grow without bound under a
+        burst with no idle time (after a pause it starts over anyway: nothing was written meanwhile). Returns nothing,
+        never raises: a failure (a full disk) is logged, and tried again after the next commits; a checkpoint already
+        running, or a closed spool, makes it a no-op."""
+        if self._commits < CHECKPOINT_EVERY or not self._ckpt_lock.acquire(blocking=False):
+            return
+        try:
+            if self._ckpt is None:  # closed
+                return
+            with self._lock:
+                self._commits = 0
+            _, frames, _ = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames >= WAL_RESTART_PAGES:
+                with self._lock:  # the pages written meanwhile, the writer held back: complete, the WAL starts over
+                    self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("%s: WAL not checkpointed yet (%s)", self.path, exc)
+        finally:
+            self._ckpt_lock.release()
+
     def close(self) -> None:
         """Close the database (rows and counts stay on disk for the next start)."""
+        with self._ckpt_lock:
+            if self._ckpt is not None:
+                self._ckpt.close()
+                self._ckpt = None
         with self._lock:
             self._forget_now()
             try:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+from device_agents import spool as spool_module
+from device_agents.identity import Signer
+from device_agents.mqtt import SpooledPublisher
 from device_agents.spool import Spool
+from edgekit_protocol import messages
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def add(spool, kind, text="x"):
@@ -323,3 +335,108 @@ def test_a_spool_has_one_epoch_across_restarts_and_a_new_spool_has_another(tmp_p
     for suffix in ("-wal", "-shm"):
         (tmp_path / f"s.db{suffix}").unlink(missing_ok=True)
     assert Spool(tmp_path / "s.db").epoch not in (epoch, wiped.epoch)
+
+
+def test_the_wal_stays_bounded_under_a_long_write_burst_with_no_idle_time(tmp_path, monkeypatch):
+    """SQLite's automatic checkpoints (two fsyncs each) ran in the writer's commits; the publisher's thread runs them
+    now, on a connection of its own, while the writer goes on. A checkpoint the writer outruns never lets the WAL
+    start over: under a burst with no idle time it would grow without end (some 50 MB here). With the writer's own
+    checkpoints (past WAL_MAX_PAGES) switched off, the publisher's (offline, as on a device without a broker) keep
+    the WAL under WAL_MAX_PAGES pages while 2,500 signed records are written back to back."""
+    shipped = Spool(tmp_path / "d.db")
+    assert shipped._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == spool_module.WAL_MAX_PAGES
+    shipped.close()
+    monkeypatch.setattr(spool_module, "WAL_MAX_PAGES", 10**9)
+    spool = Spool(tmp_path / "s.db", max_records=100_000)
+    publisher = SpooledPublisher(None, spool)  # never connected: it only checkpoints
+    publisher.start()
+    device = Signer.generate()
+    try:
+        for i in range(2500):
+            spool.add("telemetry", "t", lambda seq: messages.encode(device.sign(messages.envelope(
+                "telemetry", "f", "pi-1", seq, {"i": i, "pad": "x" * 1200}))))
+            publisher.wake()
+    finally:
+        publisher.stop()
+    wal = (tmp_path / "s.db-wal").stat().st_size  # the WAL file keeps its largest size until the spool is closed
+    page = spool._db.execute("PRAGMA page_size").fetchone()[0]
+    assert wal < 4000 * page, f"WAL grew to {wal / page:.0f} pages"
+    assert len(spool.pending(limit=5000)) == 2500
+    spool.close()
+
+
+CRASH_CHILD = """
+import sys
+from pathlib import Path
+
+from device_agents.mqtt import SpooledPublisher
+from device_agents.spool import Spool
+
+spool = Spool(Path(sys.argv[1]), max_records=100_000)
+if sys.argv[2] == "checkpoints":  # the publisher's thread checkpoints while records are written: killed amid them
+    publisher = SpooledPublisher(None, spool)
+    publisher.start()
+for i in range(int(sys.argv[3])):
+    kind = "bench" if i % 10 == 0 else "telemetry"
+    row, _ = spool.add(kind, "t/" + kind, lambda seq: f"{kind}:{seq}:".encode() + b"x" * 1300)
+    if sys.argv[2] == "checkpoints":
+        publisher.wake()
+    print(row, flush=True)  # committed
+print("written", flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def _killed_writer(path, mode, records, kill_after) -> list[int]:
+    """Run CRASH_CHILD writing ``records`` records into the spool at ``path`` (``mode`` "checkpoints": with the
+    publisher's checkpoints), kill it (SIGKILL) once it said ``kill_after`` lines; return the rows it said were
+    committed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(path), mode, str(records)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=env) as child:
+        said = [child.stdout.readline() for _ in range(kill_after)]
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    assert all(said), f"the writer ended before it was killed: {said[-3:]}"
+    return [int(line) for line in said if line.strip().isdigit()]
+
+
+def _check_whole(path, rows) -> int:
+    """Assert the spool at ``path`` holds every row in ``rows`` (and maybe rows written after them: committed, not said
+    yet), each whole, each kind numbered 1, 2, ... with no gap, and that numbering goes on after them; return how many
+    rows it holds."""
+    spool = Spool(path)
+    kept = spool.pending(limit=10**6)
+    assert [r[0] for r in kept][:len(rows)] == rows
+    seqs = {"bench": [], "telemetry": []}
+    for _, topic, payload in kept:
+        kind, seq, pad = payload.split(b":")
+        assert topic == "t/" + kind.decode() and pad == b"x" * 1300
+        seqs[kind.decode()].append(int(seq))
+    assert all(numbers == list(range(1, len(numbers) + 1)) for numbers in seqs.values())
+    assert add(spool, "bench")[1] == f"bench:{len(seqs['bench']) + 1}:x".encode()
+    spool.close()
+    return len(kept)
+
+
+def test_a_writer_killed_before_any_checkpoint_loses_no_record(tmp_path):
+    """A checkpoint no longer follows the writer's commits: records may stay in the WAL alone for longer. A writer
+    killed (SIGKILL) with 150 records written and none of them checkpointed (the database file by itself holds no
+    table yet) loses none: SQLite replays the WAL at the next open."""
+    path = tmp_path / "s.db"
+    rows = _killed_writer(path, "none", 150, 151)
+    assert len(rows) == 150
+    shutil.copy(path, tmp_path / "alone.db")  # the database file without its WAL: no table yet, all is in the WAL
+    alone = sqlite3.connect(tmp_path / "alone.db")
+    assert alone.execute("SELECT name FROM sqlite_master").fetchall() == []
+    alone.close()
+    assert _check_whole(path, rows) == 150
+
+
+def test_a_writer_killed_amid_the_publishers_checkpoints_loses_no_record(tmp_path):
+    """Killed (SIGKILL) mid-burst while the publisher's thread checkpoints (a checkpoint may be running at the kill):
+    every record the writer had committed is there after the restart, whole and numbered without a gap."""
+    path = tmp_path / "s.db"
+    rows = _killed_writer(path, "checkpoints", 100_000, 2000)
+    assert path.stat().st_size > 4096  # checkpoints had copied pages past the first into the database file
+    _check_whole(path, rows)
