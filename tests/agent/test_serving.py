@@ -271,6 +271,30 @@ def test_a_request_a_pause_keeps_waiting_is_answered_so_in_one_line_after_pause_
         srv.close()
 
 
+def test_a_request_that_finds_the_interpreter_free_takes_it_without_waiting_in_turn(wait, store, server, monkeypatch):
+    """One worker, free: a request takes its lock at once, without the wait in turn (a clock read, the waiting counter
+    locked twice, the pause's event: some 20 us a request on a core just woken, where in-process invoke() pays none).
+    With the lock held (another request in flight), it waits in turn, counted in queue_depth, and runs once free."""
+    from device_agents.serving.server import _Served
+
+    waited, real = [], _Served._take
+    monkeypatch.setattr(_Served, "_take", lambda self, *args: (waited.append(1), real(self, *args))[1])
+    x, answers = samples(1)[0], []
+    with Client(store.root) as client:
+        client.predict(x)
+        assert waited == []
+        server.current._run_lock.acquire()  # a request in flight
+        try:
+            caller = threading.Thread(target=lambda: answers.append(client.predict(x)))
+            caller.start()
+            assert wait(lambda: server.snapshot()["queue_depth"] == 1)
+            assert answers == []
+        finally:
+            server.current._run_lock.release()
+        caller.join(10)
+    assert len(answers) == 1 and waited == [1] and server.snapshot()["queue_depth"] == 0
+
+
 def test_a_pause_begins_once_the_requests_in_flight_end_however_many_keep_sending(store, tmp_path):
     """A pause drains the pool of interpreters, waiting for the requests in flight; waiting requests took the runner
     it waited for as soon as one was put back, so with senders always waiting the pause began only when one lost a
