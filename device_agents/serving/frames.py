@@ -410,7 +410,8 @@ class Receiver:
     the arrays are views of (no intermediate copy, no buffered-reader layer).
 
     ``reuse=True`` (the server) keeps one payload buffer per connection: the arrays of a frame are
-    only valid until the next :meth:`read`. Otherwise (the client) each frame gets its own buffer.
+    only valid until the next :meth:`read`. Otherwise (the client) each frame gets its own buffer: a slice
+    of the receive buffer when the whole frame came with its header, in one copy.
 
     ``shared=True`` (the server) takes the descriptors a client passes (``recvmsg``) and reads
     ``"shm": true`` frames from the memory file last passed (:func:`attach_shared`): those arrays are
@@ -543,6 +544,9 @@ class Receiver:
         if not total:
             return header, _arrays(plan, b"")
         if not self.reuse:
+            if self._end - self._start >= total:  # all in already (an answer of up to 64 kB): copied out in one go
+                self._start += total
+                return header, _arrays(plan, self._buf[self._start - total:self._start])
             payload = np.empty(total, np.uint8)  # not zeroed: every byte is received into it
         else:
             if self._payload is None or len(self._payload) < total:

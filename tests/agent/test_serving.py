@@ -468,6 +468,33 @@ def test_write_frame_round_trips_large_tensors(tmp_path):
     np.testing.assert_array_equal(arrays["a"], big["a"])
 
 
+def test_an_answer_received_whole_is_copied_out_in_one_go_into_arrays_of_its_own(monkeypatch):
+    """A client's answer whose bytes all came with its header (up to 64 kB) is copied out of the receive buffer in one
+    slice: no empty array made, then filled (some 40 us a call on a core just woken). Its arrays are writable, and
+    neither the next answer nor writing them touches the other's; a larger answer still arrives into its own array."""
+    from device_agents.serving.frames import Receiver
+
+    a, b = socket.socketpair()
+    receiver = Receiver(b)
+    first = {"y": np.arange(4096, dtype=np.float32), "z": np.ones((2, 3), np.float32)}  # 16 kB: whole
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(Receiver, "_fill", lambda *_: pytest.fail("filled piece by piece"))
+            write_frame(a, {"ok": True, "ms": 1.5}, first)
+            write_frame(a, {"ok": True, "ms": 2.5}, {k: -v for k, v in first.items()})
+            (one, got), (two, again) = receiver.read(1 << 20), receiver.read(1 << 20)
+        got["y"][0] = 7.0
+        assert one["ms"] == 1.5 and two["ms"] == 2.5 and got["y"].flags.writeable
+        assert got["y"][:2].tolist() == [7.0, 1.0] and again["y"][:2].tolist() == [-0.0, -1.0]
+        np.testing.assert_array_equal(got["z"], first["z"])
+        large = np.arange(40_000, dtype=np.float32)  # 160 kB: its bytes come after the header's buffer is full
+        write_frame(a, {"ok": True}, {"y": large})
+        np.testing.assert_array_equal(receiver.read(1 << 20)[1]["y"], large)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_kept(wait, store, server, digits_artifacts):
     """fp32 as the shadow of the served int8: its outputs on the same live inputs give the served
     model's fidelity (SNR, cosine) without labels; the share and the rate limit are honoured."""
