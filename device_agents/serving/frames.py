@@ -16,8 +16,9 @@ Large inputs may travel through shared memory instead: the client makes an anony
 (``memfd_create``), seals it against shrinking (``F_SEAL_SHRINK``) and passes its descriptor to the
 server with a request (``SCM_RIGHTS``); that request and the following ones on the connection say
 ``"shm": true`` and give each tensor's ``offset`` in the file; no tensor bytes follow the header. The
-server refuses a descriptor that is not such a sealed memory file, maps it read-only once per
-connection and reads the inputs in place (one copy fewer each way of the socket). The seal is what
+server refuses a descriptor that is not such a sealed memory file, maps it once per connection
+(private, copy on write: arrays the interpreter takes without a copy, no write of the server's
+reaching the client) and reads the inputs in place (one copy fewer each way of the socket). The seal is what
 makes the mapping safe: a file its client could shrink would kill the reading process (SIGBUS), the
 whole agent. No file name is involved, so no other process can name, swap or read it. Answers always
 come over the socket.
@@ -226,7 +227,10 @@ def shared_memory_available() -> bool:
 
 
 def attach_shared(fd: int, max_payload: int) -> memoryview:
-    """Return a read-only view of the memory file a client passed as descriptor ``fd`` (which is closed).
+    """Return a view of the memory file a client passed as descriptor ``fd`` (which is closed), mapped private
+    (copy on write): what the client writes in it shows, what the server would write stays its own, and arrays
+    over it are writable, which LiteRT's ``set_tensor`` takes as they are (a read-only array it copied first,
+    a temporary of the input's size per request).
 
     Raises:
         FrameError: it is not a memory file sealed against shrinking (``memfd_create`` with
@@ -255,7 +259,7 @@ def attach_shared(fd: int, max_payload: int) -> memoryview:
         if not 0 < st.st_size <= max_payload:
             raise FrameError(f"shm: the memory file has {st.st_size} bytes (1 to {max_payload})")
         try:
-            return memoryview(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
+            return memoryview(mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
         except (OSError, ValueError) as exc:  # e.g. reopened write-only: else taken for the client going away
             raise FrameError(f"shm: the memory file cannot be mapped for reading ({getattr(exc, 'strerror', None) or exc}); "
                              "pass the descriptor memfd_create returned") from None
@@ -406,7 +410,8 @@ class Receiver:
     the arrays are views of (no intermediate copy, no buffered-reader layer).
 
     ``reuse=True`` (the server) keeps one payload buffer per connection: the arrays of a frame are
-    only valid until the next :meth:`read`. Otherwise (the client) each frame gets its own buffer.
+    only valid until the next :meth:`read`. Otherwise (the client) each frame gets its own buffer: a slice
+    of the receive buffer when the whole frame came with its header, in one copy.
 
     ``shared=True`` (the server) takes the descriptors a client passes (``recvmsg``) and reads
     ``"shm": true`` frames from the memory file last passed (:func:`attach_shared`): those arrays are
@@ -539,6 +544,9 @@ class Receiver:
         if not total:
             return header, _arrays(plan, b"")
         if not self.reuse:
+            if self._end - self._start >= total:  # all in already (an answer of up to 64 kB): copied out in one go
+                self._start += total
+                return header, _arrays(plan, self._buf[self._start - total:self._start])
             payload = np.empty(total, np.uint8)  # not zeroed: every byte is received into it
         else:
             if self._payload is None or len(self._payload) < total:

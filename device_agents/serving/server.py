@@ -241,14 +241,17 @@ class _Served:
         body = pre + repr(ms).encode() + post
         return MAGIC + len(body).to_bytes(4, "little") + body
 
-    def _take(self, take: Any, arrived: float) -> Any:
+    def _take(self, take: Any) -> Any:
         """Return what ``take()`` returns once it is truthy (the lock acquired, a runner from the pool): it waits
         :data:`PAUSE_POLL_S` and returns False or raises ``queue.Empty`` meanwhile; it is not called while a pause
-        holds (:attr:`resumed`). The request (``arrived`` at that time.monotonic()) leaves :attr:`waiting` either way.
+        holds (:attr:`resumed`). The request counts in :attr:`waiting` meanwhile.
 
         Raises:
             RequestError: a pause (:meth:`released`) kept it waiting :data:`PAUSE_WAIT_S` (``paused``).
         """
+        arrived = time.monotonic()
+        with self.lock:
+            self.waiting += 1
         try:
             while True:
                 if self.resumed.is_set() or self.resumed.wait(PAUSE_POLL_S):
@@ -271,18 +274,17 @@ class _Served:
             ValueError: the inputs do not fit the model (named). RequestError: a pause kept it waiting too long
                 (:meth:`_take`).
         """
-        arrived = time.monotonic()
-        with self.lock:
-            self.waiting += 1
         if self.single is not None:
-            self._take(lambda: self._run_lock.acquire(timeout=PAUSE_POLL_S), arrived)
+            # free: taken at once (no clock, counter or event on the way); held by another request or a pause: in turn
+            if not self._run_lock.acquire(blocking=False):
+                self._take(lambda: self._run_lock.acquire(timeout=PAUSE_POLL_S))
             try:
                 runner = self.single
                 runner.invoke_raw(runner.sample_tensors(arrays))
                 return runner.results()
             finally:
                 self._run_lock.release()
-        runner = self._take(lambda: self.pool.get(timeout=PAUSE_POLL_S), arrived)
+        runner = self._take(lambda: self.pool.get(timeout=PAUSE_POLL_S))
         try:
             runner.invoke_raw(runner.sample_tensors(arrays))
             return runner.results()

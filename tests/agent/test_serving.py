@@ -271,6 +271,30 @@ def test_a_request_a_pause_keeps_waiting_is_answered_so_in_one_line_after_pause_
         srv.close()
 
 
+def test_a_request_that_finds_the_interpreter_free_takes_it_without_waiting_in_turn(wait, store, server, monkeypatch):
+    """One worker, free: a request takes its lock at once, without the wait in turn (a clock read, the waiting counter
+    locked twice, the pause's event: some 20 us a request on a core just woken, where in-process invoke() pays none).
+    With the lock held (another request in flight), it waits in turn, counted in queue_depth, and runs once free."""
+    from device_agents.serving.server import _Served
+
+    waited, real = [], _Served._take
+    monkeypatch.setattr(_Served, "_take", lambda self, *args: (waited.append(1), real(self, *args))[1])
+    x, answers = samples(1)[0], []
+    with Client(store.root) as client:
+        client.predict(x)
+        assert waited == []
+        server.current._run_lock.acquire()  # a request in flight
+        try:
+            caller = threading.Thread(target=lambda: answers.append(client.predict(x)))
+            caller.start()
+            assert wait(lambda: server.snapshot()["queue_depth"] == 1)
+            assert answers == []
+        finally:
+            server.current._run_lock.release()
+        caller.join(10)
+    assert len(answers) == 1 and waited == [1] and server.snapshot()["queue_depth"] == 0
+
+
 def test_a_pause_begins_once_the_requests_in_flight_end_however_many_keep_sending(store, tmp_path):
     """A pause drains the pool of interpreters, waiting for the requests in flight; waiting requests took the runner
     it waited for as soon as one was put back, so with senders always waiting the pause began only when one lost a
@@ -442,6 +466,33 @@ def test_write_frame_round_trips_large_tensors(tmp_path):
         header, arrays = read_frame(f, 1 << 24)
     assert header["op"] == "predict" and arrays["b"].shape == (0, 3)
     np.testing.assert_array_equal(arrays["a"], big["a"])
+
+
+def test_an_answer_received_whole_is_copied_out_in_one_go_into_arrays_of_its_own(monkeypatch):
+    """A client's answer whose bytes all came with its header (up to 64 kB) is copied out of the receive buffer in one
+    slice: no empty array made, then filled (some 40 us a call on a core just woken). Its arrays are writable, and
+    neither the next answer nor writing them touches the other's; a larger answer still arrives into its own array."""
+    from device_agents.serving.frames import Receiver
+
+    a, b = socket.socketpair()
+    receiver = Receiver(b)
+    first = {"y": np.arange(4096, dtype=np.float32), "z": np.ones((2, 3), np.float32)}  # 16 kB: whole
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(Receiver, "_fill", lambda *_: pytest.fail("filled piece by piece"))
+            write_frame(a, {"ok": True, "ms": 1.5}, first)
+            write_frame(a, {"ok": True, "ms": 2.5}, {k: -v for k, v in first.items()})
+            (one, got), (two, again) = receiver.read(1 << 20), receiver.read(1 << 20)
+        got["y"][0] = 7.0
+        assert one["ms"] == 1.5 and two["ms"] == 2.5 and got["y"].flags.writeable
+        assert got["y"][:2].tolist() == [7.0, 1.0] and again["y"][:2].tolist() == [-0.0, -1.0]
+        np.testing.assert_array_equal(got["z"], first["z"])
+        large = np.arange(40_000, dtype=np.float32)  # 160 kB: its bytes come after the header's buffer is full
+        write_frame(a, {"ok": True}, {"y": large})
+        np.testing.assert_array_equal(receiver.read(1 << 20)[1]["y"], large)
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_shadow_model_is_compared_on_live_inputs_and_only_the_comparison_is_kept(wait, store, server, digits_artifacts):

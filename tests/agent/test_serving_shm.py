@@ -162,3 +162,30 @@ def test_a_memory_file_passed_write_only_is_refused_in_one_line():
         receiver.close()
         for f in (fd, write_only, a, b):
             os.close(f) if isinstance(f, int) else f.close()
+
+
+def test_arrays_of_a_memory_file_are_writable_private_views_that_see_the_clients_next_write():
+    """The server's arrays over a client's memory file are writable, so LiteRT's ``set_tensor`` takes them as they are
+    (it copied a read-only array into a temporary of the input's size first, each request), yet no server write reaches
+    the client's file, and what the client writes for its next request is what the server reads then, without the
+    file being passed again."""
+    page = mmap.PAGESIZE // 4  # float32 values in a page
+    a, b = socket.socketpair()
+    receiver = Receiver(b, reuse=True, shared=True)
+    fd = _memfd(np.zeros(2 * page, np.float32).tobytes())
+    try:
+        client = mmap.mmap(fd, 8 * page)
+        write_frame(a, _header([page]), fds=[fd])
+        x = _read(receiver)["x"]
+        assert x.flags.writeable
+        x[:] = 5.0  # the server's own copy of that page from now on: the client's file is untouched
+        assert not np.frombuffer(client, np.float32).any()
+        np.frombuffer(client, np.float32)[page:page + 4] = [1.0, 2.0, 3.0, 4.0]  # the client's next inputs
+        write_frame(a, _header([4], offset=4 * page))  # a later request: no descriptor, the same mapping
+        np.testing.assert_array_equal(_read(receiver)["x"], [1.0, 2.0, 3.0, 4.0])
+        client.close()
+    finally:
+        receiver.close()
+        os.close(fd)
+        a.close()
+        b.close()
