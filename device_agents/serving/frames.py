@@ -337,11 +337,15 @@ def _header_size(start: bytes | memoryview) -> int:
     return size
 
 
+_MAX_ARRAY = np.iinfo(np.intp).max  # bytes of the largest shape numpy takes, its zero dimensions left out
+
+
 def _plan(header: dict[str, Any], max_payload: int) -> tuple[list[tuple], int]:
     """Return the header's tensors as ``(name, dtype, shape, nbytes, offset)`` and their total bytes.
 
     Raises:
-        FrameError: a tensor entry that is malformed (name, dtype, shape) or tensors over ``max_payload``.
+        FrameError: a tensor entry that is malformed (name, dtype, shape: an empty one whose other dimensions numpy
+            cannot take included) or tensors over ``max_payload``.
     """
     entries = header.get("tensors", [])
     if not isinstance(entries, list) or len(entries) > 64:
@@ -358,6 +362,9 @@ def _plan(header: dict[str, Any], max_payload: int) -> tuple[list[tuple], int]:
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 31 for d in shape)):
             raise FrameError(f"tensors[{i}] ({e['name']}): shape must be a list of at most {MAX_DIMS} non-negative integers")
         nbytes = math.prod(shape) * np.dtype(e["dtype"]).itemsize
+        if not nbytes and math.prod(d for d in shape if d) * np.dtype(e["dtype"]).itemsize > _MAX_ARRAY:
+            raise FrameError(f"tensors[{i}] ({e['name']}): shape {shape} holds no values, yet its other dimensions "
+                             "are too large for an array")
         total += nbytes
         if total > max_payload:
             raise FrameError(f"tensors of {total} bytes or more are over the {max_payload}-byte limit (serve.max_payload_mb)")

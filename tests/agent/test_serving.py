@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import struct
 import threading
@@ -1067,6 +1068,43 @@ def test_a_header_nested_too_deeply_is_answered_counted_and_the_server_keeps_ser
     assert "Traceback" not in capfd.readouterr().err
     with Client(store.root) as client:
         assert client.predict({"image": samples(1)[0]})["output_0"].shape == (10,)
+
+
+def test_an_empty_tensor_whose_other_dimensions_overflow_is_malformed_to_server_and_client(store, server, capfd,
+                                                                                            tmp_path):
+    """A tensor shaped [0, 2**31 - 1, 2**31 - 1] holds no bytes, so no payload limit applied, and numpy refused the
+    shape (ValueError, "array is too big"): the server's connection thread died with a traceback, no answer and
+    nothing counted; a client given such an answer raised ValueError, not ServingError. Both: one line now."""
+    empty = [{"name": "image", "dtype": "float32", "shape": [0, 2 ** 31 - 1, 2 ** 31 - 1]}]
+    said = ("tensors[0] (image): shape [0, 2147483647, 2147483647] holds no values, yet its other dimensions are too "
+            "large for an array")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(store.root / "serve.sock"))
+        answer = raw(sock, frame({"op": "predict", "tensors": empty}))
+    assert answer is not None and answer["ok"] is False and answer["error"] == f"malformed request: {said}"
+    assert server.snapshot()["turned_away"]["malformed"] == 1
+    assert "Traceback" not in capfd.readouterr().err
+    path = tmp_path / "lying.sock"  # an agent answering with that shape
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+
+    def lie() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn = listener.accept()[0]
+                with conn:
+                    conn.recv(4096)
+                    conn.sendall(frame({"ok": True, "ms": 1.0, "tensors": [{**empty[0], "name": "output_0"}]}))
+
+    threading.Thread(target=lie, daemon=True).start()
+    try:
+        told = re.escape(said.replace("image", "output_0"))
+        with Client(path=path, timeout=5) as client, pytest.raises(ServingError, match=told):
+            client.predict(np.zeros(3, np.float32))
+    finally:
+        listener.close()
 
 
 def _frame_header(sock: socket.socket) -> dict:
