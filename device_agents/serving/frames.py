@@ -230,7 +230,8 @@ def attach_shared(fd: int, max_payload: int) -> memoryview:
     """Return a view of the memory file a client passed as descriptor ``fd`` (which is closed), mapped private
     (copy on write): what the client writes in it shows, what the server would write stays its own, and arrays
     over it are writable, which LiteRT's ``set_tensor`` takes as they are (a read-only array it copied first,
-    a temporary of the input's size per request).
+    a temporary of the input's size per request). Where the system will not reserve the file's size for a private
+    mapping (``ENOMEM``: ``vm.overcommit_memory=2``, a data ulimit), it is mapped shared and read-only instead.
 
     Raises:
         FrameError: it is not a memory file sealed against shrinking (``memfd_create`` with
@@ -238,6 +239,7 @@ def attach_shared(fd: int, max_payload: int) -> memoryview:
             cannot supply would kill the reader), it is empty or larger than ``max_payload``, or it cannot be
             mapped for reading (a descriptor reopened write-only).
     """
+    import errno
     import fcntl
     import mmap
     import os
@@ -259,7 +261,15 @@ def attach_shared(fd: int, max_payload: int) -> memoryview:
         if not 0 < st.st_size <= max_payload:
             raise FrameError(f"shm: the memory file has {st.st_size} bytes (1 to {max_payload})")
         try:
-            return memoryview(mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+            try:
+                return memoryview(mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE,
+                                            prot=mmap.PROT_READ | mmap.PROT_WRITE))
+            except OSError as exc:
+                if exc.errno != errno.ENOMEM:
+                    raise
+                # a private writable mapping is charged its whole size (strict overcommit, a data ulimit): shared
+                # read-only then, charged nothing (set_tensor copies each request's inputs first)
+                return memoryview(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
         except (OSError, ValueError) as exc:  # e.g. reopened write-only: else taken for the client going away
             raise FrameError(f"shm: the memory file cannot be mapped for reading ({getattr(exc, 'strerror', None) or exc}); "
                              "pass the descriptor memfd_create returned") from None

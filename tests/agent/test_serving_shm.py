@@ -189,3 +189,36 @@ def test_arrays_of_a_memory_file_are_writable_private_views_that_see_the_clients
         os.close(fd)
         a.close()
         b.close()
+
+
+def test_a_memory_file_the_system_will_not_reserve_privately_is_read_from_a_shared_read_only_mapping():
+    """A private writable mapping is charged its whole size (vm.overcommit_memory=2, a data ulimit such as systemd's
+    LimitDATA=), where the shared read-only one it replaced was charged nothing: a 256 MB memory file under a data
+    limit 64 MB above the reader's use was refused, "cannot be mapped for reading (Cannot allocate memory); pass the
+    descriptor memfd_create returned", counted as malformed and the connection closed. It is read, read-only (the
+    set_tensor copy comes back for it alone). In a child process: the limit is its own."""
+    reader = textwrap.dedent("""
+        import fcntl, mmap, os, resource, socket
+        import numpy as np
+        from device_agents.serving.frames import Receiver, write_frame
+        fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 256 << 20)
+        os.pwrite(fd, np.arange(4, dtype=np.float32).tobytes(), 0)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        a, b = socket.socketpair()
+        receiver = Receiver(b, reuse=True, shared=True)
+        used = next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("VmData"))
+        resource.setrlimit(resource.RLIMIT_DATA, (used + (64 << 20), resource.getrlimit(resource.RLIMIT_DATA)[1]))
+        try:
+            mmap.mmap(fd, 256 << 20, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            print("private:", exc.strerror)
+        write_frame(a, {"op": "predict", "shm": True,
+                        "tensors": [{"name": "x", "dtype": "float32", "shape": [4], "offset": 0}]}, fds=[fd])
+        x = receiver.read(512 << 20)[1]["x"]
+        print(x.tolist(), x.flags.writeable)
+    """)
+    child = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == 0, child.stderr[-600:]
+    assert child.stdout.splitlines() == ["private: Cannot allocate memory", "[0.0, 1.0, 2.0, 3.0] False"]
