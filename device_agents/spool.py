@@ -13,8 +13,10 @@ the publisher's thread runs them on a connection of its own (:meth:`Spool.checkp
 commits while the writer goes on, holding it back only to copy the last pages of a WAL past
 :data:`WAL_RESTART_PAGES`, so the WAL starts over at the next write. The WAL stays under :data:`WAL_MAX_PAGES` pages
 (16 MB) even when no checkpoint comes from there: past it the writer checkpoints itself, as SQLite does by default at
-1,000 pages. A checkpoint moves what is already committed: a crash at any moment loses nothing (SQLite replays the
-WAL at the next open).
+1,000 pages. A writer :data:`WAL_AHEAD` commits past the start of a checkpoint still running (a slow disk: SQLite skips
+the writer's own checkpoints meanwhile) waits for it to end, then checkpoints itself, so the bound holds on a slow disk
+too. A checkpoint moves what is already committed: a crash at any moment loses nothing (SQLite replays the WAL at the
+next open).
 
 The spool is bounded by ``max_records``. When it is full the oldest periodic row (:data:`DROPPABLE`:
 telemetry, live figures, shadow comparisons; each is superseded by the next) is dropped to make room;
@@ -52,6 +54,8 @@ HORIZON_S = 300.0  # how far behind the newest command's ts a command may still 
 CHECKPOINT_EVERY = 100  # commits (about 500 WAL pages of telemetry records) after which checkpoint() copies the WAL
 WAL_RESTART_PAGES = 1000  # a WAL this long is made to start over by checkpoint() (4 MB of 4 KiB pages)
 WAL_MAX_PAGES = 4000  # the writer checkpoints itself past this many WAL pages (SQLite's wal_autocheckpoint; 16 MB)
+WAL_AHEAD = 300  # commits (about 1,500 WAL pages) after a checkpoint began past which the writer waits for it to end,
+# if it is still running, and checkpoints itself (the WAL under WAL_MAX_PAGES however slow the disk)
 
 
 class Spool:
@@ -237,6 +241,8 @@ class Spool:
                 sequence number is taken, no older row dropped and the inbox is as it was.
             sqlite3.Error: the spool cannot be written (a full disk), rolled back likewise.
         """
+        if self._commits >= WAL_AHEAD and self._ckpt_lock.locked():  # outran the publisher's checkpoint
+            self.checkpoint(wait=True)
         with self._lock:
             self._synchronous("NORMAL" if kind in DROPPABLE else "FULL")
             self._db.execute("BEGIN IMMEDIATE")
@@ -429,7 +435,7 @@ class Spool:
         with self._lock:
             return [(row[0], bool(row[1])) for row in self._db.execute("SELECT payload, started FROM inbox ORDER BY n")]
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, wait: bool = False) -> None:
         """Copy the WAL into the database file once :data:`CHECKPOINT_EVERY` commits were written since the last time
         (a no-op before): called by the publisher's thread, so the writer does not wait for the checkpoint's fsyncs.
         The copy runs on this spool's second connection without the lock (SQLite's PASSIVE checkpoint: writers go
@@ -437,14 +443,21 @@ class Spool:
         so the checkpoint is complete and the next write starts the WAL over: it does not grow without bound under a
         burst with no idle time (after a pause it starts over anyway: nothing was written meanwhile). Returns nothing,
         never raises: a failure (a full disk) is logged, and tried again after the next commits; a checkpoint already
-        running, or a closed spool, makes it a no-op."""
-        if self._commits < CHECKPOINT_EVERY or not self._ckpt_lock.acquire(blocking=False):
+        running, or a closed spool, makes it a no-op.
+
+        ``wait`` (:meth:`add`'s, :data:`WAL_AHEAD` commits after the last began): wait for a checkpoint still running
+        (a slow disk, whose checkpoint the writer outran: SQLite skips the writer's own meanwhile), then copy the
+        whole WAL with the lock held, so the WAL starts over however slow the disk."""
+        if self._commits < CHECKPOINT_EVERY or not self._ckpt_lock.acquire(blocking=wait):
             return
         try:
             if self._ckpt is None:  # closed
                 return
             with self._lock:
                 self._commits = 0
+                if wait:
+                    self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    return
             _, frames, _ = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if frames >= WAL_RESTART_PAGES:
                 with self._lock:  # the pages written meanwhile, the writer held back: complete, the WAL starts over

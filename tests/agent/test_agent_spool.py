@@ -440,3 +440,48 @@ def test_a_writer_killed_amid_the_publishers_checkpoints_loses_no_record(tmp_pat
     rows = _killed_writer(path, "checkpoints", 100_000, 2000)
     assert path.stat().st_size > 4096  # checkpoints had copied pages past the first into the database file
     _check_whole(path, rows)
+
+
+CKPT_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 121)  # SQLite's checkpointer lock: byte 121 of the -shm file
+print("held", flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_a_writer_that_outruns_a_slow_checkpoint_waits_for_it_and_the_wal_stays_bounded(tmp_path):
+    """A checkpoint of the publisher's on a slow disk (fsyncs of a second on an SD card) holds SQLite's checkpointer
+    lock: the writer's own checkpoint past WAL_MAX_PAGES is skipped meanwhile, and a writer going on at full speed
+    grew the WAL past 4,000 pages (27 MB with fsyncs of 0.5 s). Here the publisher's checkpoint is in flight for as
+    long as the writer goes on (its lock held, SQLite's held by another process): the writer waits for it once
+    WAL_AHEAD commits ahead, then completes a checkpoint itself, and the WAL stays about WAL_MAX_PAGES pages."""
+    spool = Spool(tmp_path / "s.db", max_records=100_000)
+    written = []
+
+    def writer():
+        for _ in range(1500):
+            written.append(add(spool, "telemetry", "x" * 1300)[0])
+
+    with subprocess.Popen([sys.executable, "-c", CKPT_HOLDER, str(tmp_path / "s.db-shm")], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout.readline() == "held\n"
+        with spool._ckpt_lock:  # the publisher's checkpoint, in flight
+            thread = threading.Thread(target=writer)
+            thread.start()
+            while thread.is_alive():  # until the writer is done, or waits
+                before = len(written)
+                thread.join(1.0)
+                if len(written) == before:
+                    break
+            holder.stdin.close()  # the checkpoint ends: SQLite's lock first, then the spool's
+            assert holder.wait(30) == 0
+    thread.join(60)
+    assert not thread.is_alive() and len(written) == 1500
+    page = spool._db.execute("PRAGMA page_size").fetchone()[0]
+    wal = (tmp_path / "s.db-wal").stat().st_size
+    # SQLite's own checkpoint follows the commit that passed WAL_MAX_PAGES: a few pages past it (7,000 before the fix)
+    assert wal < (spool_module.WAL_MAX_PAGES + 100) * page, f"WAL grew to {wal / page:.0f} pages"
+    assert [r[0] for r in spool.pending(limit=5000)] == written
+    spool.close()
