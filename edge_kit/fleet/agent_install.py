@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,10 +126,23 @@ for other in os.listdir(root):
 os.remove(archive)
 """
 
-@functools.cache
+_bundle_lock = threading.Lock()
+
+
 def agent_bundle() -> tuple[bytes, str, dict[str, str]]:
     """Return the agent tarball, its sha256 (same bytes for the same code) and ``{path: sha256}`` of
-    its files, as :func:`device_agents.codecheck.tree` lists them once unpacked."""
+    its files, as :func:`device_agents.codecheck.tree` lists them once unpacked.
+
+    Built once per process, by the first caller: a deploy's devices ask for it at once, one thread each
+    (``functools.cache`` alone let each of them build and gzip it: 16 times in a fresh ``edgekit deploy --parallel
+    16``); the others wait for that one."""
+    with _bundle_lock:
+        return _build_bundle()
+
+
+@functools.cache
+def _build_bundle() -> tuple[bytes, str, dict[str, str]]:
+    """Return what :func:`agent_bundle` returns, built from the packages' files (cached; call :func:`agent_bundle`)."""
     members = []
     for package in (device_agents, edgekit_protocol):
         folder = Path(package.__file__).parent
