@@ -321,14 +321,15 @@ def _facts_shape(found: Any) -> None:
 
 @functools.cache
 def _probe_script() -> str:
-    """Return the probe's script: :data:`_DEVICE_STATE` after the sources of :func:`device_agents.codecheck.tree`,
-    :func:`device_agents.disk.within_limit` and :func:`device_agents.store.meta_fault` (read once: ``inspect``
-    tokenizes the modules for it)."""
+    """Return the probe's script: :data:`_DEVICE_STATE` after the sources of :func:`device_agents.codecheck.tree` (with
+    its ``_listed``), :func:`device_agents.disk.within_limit` and :func:`device_agents.store.meta_fault` (read once:
+    ``inspect`` tokenizes the modules for it)."""
     return (f"from __future__ import annotations\nimport errno, hashlib, os, stat, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
             f"MAX_MANIFEST_BYTES, HEX = {codecheck.MAX_MANIFEST_BYTES!r}, '0123456789abcdef'\n"
             f"META, MAX_META_BYTES, UNREADABLE_META = {META!r}, {MAX_META_BYTES!r}, {UNREADABLE_META!r}\n"
             f"META_BUDGET, CODE_BUDGET, CMDLINE_BYTES = {META_BUDGET!r}, {CODE_BUDGET!r}, {CMDLINE_BYTES!r}\n"
-            + inspect.getsource(codecheck.tree) + inspect.getsource(within_limit) + inspect.getsource(meta_fault)
+            + inspect.getsource(codecheck.tree) + inspect.getsource(codecheck._listed)
+            + inspect.getsource(within_limit) + inspect.getsource(meta_fault)
             + _DEVICE_STATE)
 
 
