@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +49,13 @@ from edge_kit.errors import ConfigError, DeployError
 from edge_kit.fleet.broker_setup import OPERATOR_USER
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.keys import KeyRevoked, revoked_on
-from edge_kit.fleet.ssh import MIN_PYTHON, RESTART_PENDING, DeviceShell
+from edge_kit.fleet.ssh import (
+    AGENT_UNIT,
+    MIN_PYTHON,
+    RESTART_PENDING,
+    DeviceShell,
+    agent_unit,
+)
 from edge_kit.profiles import load_profile
 from edgekit_protocol.config import (
     MAX_CA_BYTES,
@@ -125,10 +132,23 @@ for other in os.listdir(root):
 os.remove(archive)
 """
 
-@functools.cache
+_bundle_lock = threading.Lock()
+
+
 def agent_bundle() -> tuple[bytes, str, dict[str, str]]:
     """Return the agent tarball, its sha256 (same bytes for the same code) and ``{path: sha256}`` of
-    its files, as :func:`device_agents.codecheck.tree` lists them once unpacked."""
+    its files, as :func:`device_agents.codecheck.tree` lists them once unpacked.
+
+    Built once per process, by the first caller: a deploy's devices ask for it at once, one thread each
+    (``functools.cache`` alone let each of them build and gzip it: 16 times in a fresh ``edgekit deploy --parallel
+    16``); the others wait for that one."""
+    with _bundle_lock:
+        return _build_bundle()
+
+
+@functools.cache
+def _build_bundle() -> tuple[bytes, str, dict[str, str]]:
+    """Return what :func:`agent_bundle` returns, built from the packages' files (cached; call :func:`agent_bundle`)."""
     members = []
     for package in (device_agents, edgekit_protocol):
         folder = Path(package.__file__).parent
@@ -303,8 +323,8 @@ def ensure_agent(shell: DeviceShell, fleet: Fleet, new_key: bool = False) -> Age
         changed.append("an interrupted deploy's changes")
     # A simulated device shares the host's systemd with its siblings: it always gets the supervisor,
     # which `edgekit sim down` stops, and never touches the host's units.
-    systemd = dev.user == "root" and info["systemd"] and not dev.simulated
-    running = _is_running(shell, systemd)
+    systemd = agent_unit(dev) is not None and info["systemd"]
+    running = bool(info["unit_active"]) if systemd else info["agent_pid"] is not None
     if running and not changed:
         return AgentState(changed, None)
     started = time.time()
@@ -397,16 +417,6 @@ def _ensure_identity(shell: DeviceShell, fleet: Fleet, before_change: Callable[[
     return changed
 
 
-def _is_running(shell: DeviceShell, systemd: bool) -> bool:
-    if not systemd:
-        return shell.info["agent_pid"] is not None
-    try:
-        shell.run(["systemctl", "is-active", "--quiet", "edgekit-agent"])
-    except DeployError:
-        return False
-    return True
-
-
 def _stop_supervisor(shell: DeviceShell, pid: int) -> None:
     script = (f"kill -TERM {pid} 2>/dev/null; for i in $(seq {int(STOP_TIMEOUT_S * 10)}); do "
               f"kill -0 {pid} 2>/dev/null || exit 0; sleep 0.1; done; exit 1")
@@ -419,9 +429,8 @@ def _stop_supervisor(shell: DeviceShell, pid: int) -> None:
 def _systemd_start(shell: DeviceShell, root: str) -> None:
     dev = shell.dev
     unit = render_unit(f"{root}/agent.yaml", python=dev.python, workdir=f"{root}/agent", env={"PYTHONPATH": f"{root}/agent"})
-    shell.put(unit.encode(), "/etc/systemd/system/edgekit-agent.service")
-    for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", "edgekit-agent"],
-                 ["systemctl", "restart", "edgekit-agent"]):
+    shell.put(unit.encode(), f"/etc/systemd/system/{AGENT_UNIT}.service")
+    for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", AGENT_UNIT], ["systemctl", "restart", AGENT_UNIT]):
         shell.run(argv)
 
 

@@ -60,6 +60,8 @@ _known_hosts_lock = threading.Lock()
 # restarted the agent: a deploy cut off in between leaves it, and the next one restarts the agent.
 RESTART_PENDING = "restart.pending"
 MIN_PYTHON = (3, 10)  # the agent's (pyproject's requires-python)
+AGENT_UNIT = "edgekit-agent"  # the systemd unit the deploy writes, where systemd runs and the user is root
+UNIT_TIMEOUT_S = 30  # how long the probe waits for `systemctl is-active`
 # paramiko's transport thread logs a failed handshake's traceback (a port with no sshd behind it); each device's
 # failure is already one line in the results, and with no handler Python's last resort printed it on stderr
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
@@ -110,7 +112,7 @@ print(json.dumps({"free": shutil.disk_usage(probe).free, "python": sys.executabl
 # its time here (python -X importtime), and a device's CPU is slower still. The host interprets what it
 # prints.
 _DEVICE_STATE = r"""
-root, pending, verify = os.path.expanduser(sys.argv[1]).rstrip("/"), sys.argv[2], sys.argv[3:]
+root, pending, unit, verify = os.path.expanduser(sys.argv[1]).rstrip("/"), sys.argv[2], sys.argv[3], sys.argv[4:]
 
 def opened(path):  # the file open for reading; None when it is missing or no regular file: a FIFO would hold the
     try:  # probe (opened without waiting for a writer, never read), a link to /dev/zero fill the device's memory;
@@ -201,6 +203,25 @@ def exists(path):
 def digest(name):
     return sha256(os.path.join(root, name))
 
+def active(systemd):  # whether systemd runs `unit` (systemctl is-active); None when not asked or no systemd runs
+    if not unit or not systemd:
+        return None
+    import time  # built in; subprocess's imports took 30 ms of CPU here, more than all the rest of the probe
+    try:
+        pid = os.posix_spawnp("systemctl", ["systemctl", "is-active", "--quiet", unit], os.environ,
+                              file_actions=[(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)])
+    except OSError:  # no systemctl: not known to run
+        return False
+    deadline = time.monotonic() + UNIT_TIMEOUT
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.002)
+    os.kill(pid, 9)  # no answer in time: not known to run
+    os.waitpid(pid, 0)
+    return False
+
 def file_hashes(folder):  # the files a stored model's check needs (device_agents.store.damage), by name
     hashes = {name: sha256(os.path.join(folder, name)) for name in ("model.tflite", "model.onnx", "eval.npz")}
     return {name: h for name, h in hashes.items() if h is not None}
@@ -211,6 +232,7 @@ except (FileNotFoundError, NotADirectoryError):
     names = []
 except OSError as exc:
     sys.exit("cannot list %s/models (%s)" % (root, exc.strerror or exc))
+systemd = exists("/run/systemd/system")
 ordered = [n for n in names if n in verify] + [n for n in names if n not in verify]  # the deploy's candidates first
 try:
     current = os.path.basename(os.readlink(os.path.join(root, "current"))) or None
@@ -237,7 +259,7 @@ sys.stdout.buffer.write(dump({
     "device_pub": (text(os.path.join(root, "identity", "device.pub"), 4096) or "").strip() or None,
     "has_device_key": exists(os.path.join(root, "identity", "device.key")),
     "pid": pid if pid.isdigit() else None, "cmdline": None if cmdline is None else cmdline.decode("latin-1"),
-    "restart_pending": exists(os.path.join(root, pending)), "systemd": exists("/run/systemd/system"),
+    "restart_pending": exists(os.path.join(root, pending)), "systemd": systemd, "unit_active": active(systemd),
     "models": listing(), "current": current,
     "hashes": {n: file_hashes(os.path.join(root, "models", n)) for n in verify if n in names},
     "code": {"files": cut(tree(code)) if os.path.isdir(code) else None,  # a manifest over the budget: none
@@ -257,7 +279,8 @@ def _probe_shape(found: Any) -> None:
     if not isinstance(found, dict):
         raise ValueError(f"a JSON {type(found).__name__}")
     for name, kinds in (("root", str), ("device_pub", maybe), ("has_device_key", bool), ("pid", maybe),
-                        ("cmdline", maybe), ("restart_pending", bool), ("systemd", bool), ("current", maybe),
+                        ("cmdline", maybe), ("restart_pending", bool), ("systemd", bool),
+                        ("unit_active", (bool, type(None))), ("current", maybe),
                         ("digests", dict), ("models", dict), ("hashes", dict), ("code", dict)):
         if not isinstance(found.get(name), kinds):
             raise ValueError(f"a field '{name}' of type {type(found.get(name)).__name__}")
@@ -321,22 +344,33 @@ def _facts_shape(found: Any) -> None:
 
 @functools.cache
 def _probe_script() -> str:
-    """Return the probe's script: :data:`_DEVICE_STATE` after the sources of :func:`device_agents.codecheck.tree`,
-    :func:`device_agents.disk.within_limit` and :func:`device_agents.store.meta_fault` (read once: ``inspect``
-    tokenizes the modules for it)."""
+    """Return the probe's script: :data:`_DEVICE_STATE` after the sources of :func:`device_agents.codecheck.tree` (with
+    its ``_listed``), :func:`device_agents.disk.within_limit` and :func:`device_agents.store.meta_fault` (read once:
+    ``inspect`` tokenizes the modules for it)."""
     return (f"from __future__ import annotations\nimport errno, hashlib, os, stat, sys\nMANIFEST = {codecheck.MANIFEST!r}\n"
             f"MAX_MANIFEST_BYTES, HEX = {codecheck.MAX_MANIFEST_BYTES!r}, '0123456789abcdef'\n"
             f"META, MAX_META_BYTES, UNREADABLE_META = {META!r}, {MAX_META_BYTES!r}, {UNREADABLE_META!r}\n"
             f"META_BUDGET, CODE_BUDGET, CMDLINE_BYTES = {META_BUDGET!r}, {CODE_BUDGET!r}, {CMDLINE_BYTES!r}\n"
-            + inspect.getsource(codecheck.tree) + inspect.getsource(within_limit) + inspect.getsource(meta_fault)
+            f"UNIT_TIMEOUT = {UNIT_TIMEOUT_S!r}\n"
+            + inspect.getsource(codecheck.tree) + inspect.getsource(codecheck._listed)
+            + inspect.getsource(within_limit) + inspect.getsource(meta_fault)
             + _DEVICE_STATE)
 
 
-def probe_argv(python: str, root: str, verify: tuple[str, ...] = ()) -> list[str]:
+def probe_argv(python: str, root: str, verify: tuple[str, ...] = (), unit: str | None = None) -> list[str]:
     """Return the argv that prints, as JSON, the state of the device root ``root`` (``~`` expanded there)
     with the device's ``python``: the probe's script in isolated mode without ``site``. The stored models
-    named in ``verify`` (sha256s) also get their files hashed (``hashes``)."""
-    return [python, "-I", "-S", "-B", "-c", _probe_script(), root, RESTART_PENDING, *verify]
+    named in ``verify`` (sha256s) also get their files hashed (``hashes``); with ``unit``, where systemd runs, whether
+    it runs that unit (``unit_active``, ``systemctl is-active``: a command of its own over SSH took another session
+    and round trip per device and deploy)."""
+    return [python, "-I", "-S", "-B", "-c", _probe_script(), root, RESTART_PENDING, unit or "", *verify]
+
+
+def agent_unit(dev: Device) -> str | None:
+    """Return the systemd unit the agent runs as on ``dev`` where systemd runs (``edgekit-agent``: the deploy user is
+    root and the device is not simulated, whose siblings share the host's systemd), else None (the agent's own
+    supervisor keeps it running)."""
+    return AGENT_UNIT if dev.user == "root" and not dev.simulated else None
 
 
 # What a dropped or refused connection raises, from the socket, paramiko's transport or its SFTP reader.
@@ -703,8 +737,9 @@ class DeviceShell:
         :func:`edge_kit.fleet.agent_install.ensure_agent`), hashes of its config, password, operator
         keys and broker CA, the device's public key and whether its private key is there, whether its
         supervisor runs (the pid file's process, recognised by its command line), whether systemd
-        runs, whether a deploy left a restart pending, the installed models and the current one (the
-        layout of :mod:`device_agents.store`; a ``meta.json`` is judged here from its bytes by
+        runs and, where the agent would run as its unit (:func:`agent_unit`), whether it runs that unit
+        (``unit_active``, else None), whether a deploy left a restart pending, the installed models and the
+        current one (the layout of :mod:`device_agents.store`; a ``meta.json`` is judged here from its bytes by
         :func:`device_agents.store.read_meta`, or on the device already by :func:`device_agents.store.meta_fault`, and
         once the probe printed :data:`META_BUDGET` of them, a candidate in ``verify`` (they come first) counts as
         damaged, not read, and the other models are left out; the code's listing and manifest take at most
@@ -718,7 +753,8 @@ class DeviceShell:
             DeployError: the device's Python is missing or failed (named), a file exists but cannot be
                 read, or the connection was lost.
         """
-        found = self.run_json(probe_argv(self.dev.python, self.dev.root, self.verify), "the device state probe")
+        found = self.run_json(probe_argv(self.dev.python, self.dev.root, self.verify, agent_unit(self.dev)),
+                              "the device state probe")
         try:
             _probe_shape(found)
         except ValueError as exc:
@@ -744,6 +780,7 @@ class DeviceShell:
                 "agent_pid": int(pid) if pid and len(pid) <= MAX_PID_DIGITS and cmdline is not None
                 and is_supervisor(cmdline.encode("latin-1"), root) else None,
                 "restart_pending": found["restart_pending"], "systemd": found["systemd"],
+                "unit_active": found["unit_active"],
                 "installed": installed, "current": found["current"], "damaged": damaged}
 
     @functools.cached_property

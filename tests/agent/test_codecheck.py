@@ -98,3 +98,37 @@ def test_a_fifo_in_the_code_is_an_added_file_not_a_check_that_waits_for_a_writer
     t.join(10)
     assert got and "added pkg/c.py" in got[0], "the check waited on the FIFO"
     assert codecheck.tree(code)["pkg/c.py"] == "not a regular file"
+
+
+def test_tree_lists_each_kind_of_entry_from_its_folders_listing_without_a_stat_per_file(tmp_path, monkeypatch):
+    """tree() runs at every agent start and in every deploy's probe: the types come from each folder's listing, with
+    no stat or lstat per file (os.walk with islink and isfile made two), and what it lists is unchanged: files by
+    sha256 at any depth, links by their target (a linked folder is not entered), a FIFO as not a regular file, the
+    top folder's manifest left out (a nested one is code like any other)."""
+    import hashlib
+    import os
+
+    code = tmp_path / "agent"
+    (code / "pkg" / "sub").mkdir(parents=True)
+    (code / "pkg" / "a.py").write_bytes(b"A = 1\n")
+    (code / "pkg" / "sub" / "big.py").write_bytes(b"x" * 200_000)  # more than one read of the buffer
+    (code / "pkg" / codecheck.MANIFEST).write_text("{}")
+    (code / codecheck.MANIFEST).write_text("{}")
+    (code / "link.py").symlink_to("pkg/a.py")
+    (code / "linked").symlink_to("pkg")
+    (code / "gone.py").symlink_to("nowhere.py")
+    os.mkfifo(code / "pkg" / "fifo.py")
+    stats = []
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, **k: stats.append(a[0]) or _real(*a, **k))
+    listed = codecheck.tree(code)
+    monkeypatch.undo()
+    assert stats == []
+    assert listed == {
+        "gone.py": "symlink:nowhere.py", "link.py": "symlink:pkg/a.py", "linked": "symlink:pkg",
+        f"pkg/{codecheck.MANIFEST}": hashlib.sha256(b"{}").hexdigest(),
+        "pkg/a.py": hashlib.sha256(b"A = 1\n").hexdigest(), "pkg/fifo.py": "not a regular file",
+        "pkg/sub/big.py": hashlib.sha256(b"x" * 200_000).hexdigest(),
+    }
+    assert list(listed) == sorted(listed)

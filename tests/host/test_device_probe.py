@@ -83,7 +83,7 @@ def _shell_printing(text):
     from edge_kit.fleet.ssh import DeviceShell
 
     shell = DeviceShell.__new__(DeviceShell)
-    shell.dev = types.SimpleNamespace(name="pi-1", python="python3", root="~/edgekit")
+    shell.dev = types.SimpleNamespace(name="pi-1", python="python3", root="~/edgekit", user="root", simulated=False)
     shell.verify = ("a" * 64,)
     shell.run = lambda argv, **_: text
     return shell
@@ -100,6 +100,7 @@ def _good(tmp_path) -> dict:
     lambda d: {**d, "models": {"a" * 64: {"sha256": "a" * 64}}},
     lambda d: {**d, "hashes": {"a" * 64: ["x"]}},
     lambda d: {**d, "digests": {"config_sha256": 5}},
+    lambda d: {**d, "unit_active": "active"},
     lambda d: {**d, "pid": "\u00b2", "cmdline": "supervise"},  # a digit int() refuses
     lambda d: {**d, "pid": "1", "cmdline": "\u0100"},  # not bytes read as latin-1
     lambda d: {**d, "code": {"files": [], "manifest": None}},

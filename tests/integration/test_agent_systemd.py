@@ -12,6 +12,7 @@ from harness import FLEET, SystemdNamespace, wait_until
 from edge_kit.fleet.commands import FleetClient
 from edge_kit.fleet.deploy import DeployOptions, deploy
 from edge_kit.fleet.inventory import load_fleet
+from edge_kit.fleet.ssh import DeviceShell
 from edge_kit.sim.ssh import SshEndpoint, known_hosts_line, write_keypair
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,8 @@ def device_in(tmp_path, mosquitto):
         ssh.stop()
 
 
-def test_deploy_runs_the_agent_as_a_systemd_service_that_systemd_restarts(tmp_path, systemd, device_in, digits_artifacts):
+def test_deploy_runs_the_agent_as_a_systemd_service_that_systemd_restarts(tmp_path, systemd, device_in, digits_artifacts,
+                                                                         monkeypatch):
     fleet = device_in(systemd)
     first = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8"))
     r = first.results[0]
@@ -71,8 +73,18 @@ def test_deploy_runs_the_agent_as_a_systemd_service_that_systemd_restarts(tmp_pa
         state = client.request("pi-1", "state", timeout=30)["result"]
     assert state["current"]["variant"] == "int8"
 
+    commands = []  # what each deploy runs on the device: an unchanged one, its probe alone (systemctl is-active in it)
+    exec_command = DeviceShell._exec
+    monkeypatch.setattr(DeviceShell, "_exec", lambda shell, command, timeout: commands.append(command) or
+                        exec_command(shell, command, timeout))
     again = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8"))
     assert again.results[0].status == "skipped", again.results[0].reason  # running, same agent and config
+    assert len(commands) == 1, commands
+
+    systemd.run("systemctl", "stop", "edgekit-agent")  # the probe sees it: the deploy starts it again
+    restarted = deploy(fleet, fleet.devices, DeployOptions(digits_artifacts, variant="int8"))
+    assert restarted.results[0].actions == ["service started"], restarted.results[0].reason
+    assert systemd.run("systemctl", "is-active", "edgekit-agent").stdout.strip() == "active"
 
 
 def test_a_root_folder_with_spaces_a_percent_and_a_dollar_runs_under_systemd(tmp_path, systemd, device_in,
