@@ -592,9 +592,7 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
         for sender in senders:
             sender.start()
         assert wait(lambda: answered), failed
-        second = tmp_path / "second.tflite"
-        second.write_bytes(face.read_bytes() + b"\0")  # another sha256
-        sha = agent.store.install(second, variant="edgetpu", model="blazeface").sha256
+        sha = _second_edgetpu(agent.store, face, tmp_path)
         seen.clear()
         agent._activate(sha)  # the child opens the Edge TPU serving held
         time.sleep(0.2)
@@ -897,9 +895,7 @@ def test_activate_in_another_process_pauses_the_running_agents_edge_tpu_serving(
     from device_agents.serving import Client
 
     root, env, first, serving = agent_on_fake_coral
-    second = tmp_path / "second.tflite"
-    second.write_bytes(face.read_bytes() + b"\0")  # another sha256
-    sha = ModelStore(root).install(second, variant="edgetpu", model="blazeface").sha256
+    sha = _second_edgetpu(ModelStore(root), face, tmp_path)
     answered, failed, stop = [], [], threading.Event()
 
     def requests():
@@ -943,9 +939,7 @@ def test_the_pause_another_process_asked_for_ends_when_that_process_is_killed(ag
     from device_agents.serving import Client
 
     root, env, first, serving = agent_on_fake_coral
-    second = tmp_path / "second.tflite"
-    second.write_bytes(face.read_bytes() + b"\0")
-    sha = ModelStore(root).install(second, variant="edgetpu", model="blazeface").sha256
+    sha = _second_edgetpu(ModelStore(root), face, tmp_path)
     holding = tmp_path / "child.pid"
     activate = subprocess.Popen([sys.executable, "-m", "device_agents", "activate", "--sha256", sha, "--root",
                                  str(root)], env={**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)},
@@ -990,9 +984,7 @@ def test_activate_right_after_the_agent_restarted_waits_for_its_start_up_check(f
     import sys
 
     root, env, first, serving, start = fake_coral
-    second = tmp_path / "second.tflite"
-    second.write_bytes(face.read_bytes() + b"\0")
-    sha = ModelStore(root).install(second, variant="edgetpu", model="blazeface").sha256
+    sha = _second_edgetpu(ModelStore(root), face, tmp_path)
     holding, log = tmp_path / "child.pid", root / "agent.log"
     start({**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)})  # its start-up check's child holds the Coral until told
     assert wait(lambda: holding.exists() and holding.read_text(), 120), log.read_text() if log.exists() else ""
@@ -1015,6 +1007,13 @@ def test_activate_right_after_the_agent_restarted_waits_for_its_start_up_check(f
     assert " ERROR " not in said
 
 
+def _second_edgetpu(store: ModelStore, face, tmp_path) -> str:
+    """Install another edgetpu model (BlazeFace with a byte more: another sha256) in ``store``; return its sha256."""
+    second = tmp_path / "second.tflite"
+    second.write_bytes(face.read_bytes() + b"\0")
+    return store.install(second, variant="edgetpu", model="blazeface").sha256
+
+
 def waits_its_turn(pid: int, root) -> bool:
     """Return whether process ``pid`` has ``root``'s Edge TPU turn file open (takes or waits for its turn)."""
     try:
@@ -1035,9 +1034,7 @@ def test_an_agent_restarted_while_activate_checks_a_model_waits_for_that_check(f
     from device_agents.serving import Client, ServingError
 
     root, env, first, serving, start = fake_coral
-    second = tmp_path / "second.tflite"
-    second.write_bytes(face.read_bytes() + b"\0")
-    sha = ModelStore(root).install(second, variant="edgetpu", model="blazeface").sha256
+    sha = _second_edgetpu(ModelStore(root), face, tmp_path)
     holding, log = tmp_path / "child.pid", root / "agent.log"
     activate = subprocess.Popen([sys.executable, "-m", "device_agents", "activate", "--sha256", sha, "--root",
                                  str(root)], env={**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)},
