@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -70,25 +71,31 @@ def tree(folder: str | os.PathLike) -> dict[str, str]:
 def _listed(entry: os.DirEntry, buf: bytearray) -> str:
     """Return what :func:`tree` lists for ``entry``, which is no folder: ``symlink:<target>``, ``not a regular file``,
     or the file's sha256 (read into ``buf``). Where the listing's type cannot be acted on (a folder that can be
-    listed but not searched), the path's own ``lstat`` and ``stat`` decide.
+    listed but not searched), the path's own ``lstat`` and ``stat`` decide. A file is opened without following a
+    link or waiting for a writer and read only if it is still a regular file: one replaced since its folder was
+    listed is listed as what it is now (opened as listed, a link was followed, /dev/zero read for ever, and a FIFO
+    held the check).
 
     Raises:
         OSError: a regular file cannot be read.
     """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         if entry.is_symlink():
             return "symlink:" + os.readlink(entry.path)
         if not entry.is_file(follow_symlinks=False):  # a FIFO or a device: never opened (a FIFO held the check,
             return "not a regular file"  # and the deploy's probe, until their deadline), listed so that it differs
-        f = open(entry.path, "rb", buffering=0)
+        fd = os.open(entry.path, flags)
     except OSError:
         if os.path.islink(entry.path):
             return "symlink:" + os.readlink(entry.path)
         if not os.path.isfile(entry.path):
             return "not a regular file"
-        f = open(entry.path, "rb", buffering=0)
+        fd = os.open(entry.path, flags)
     h, view = hashlib.sha256(), memoryview(buf)
-    with f:
+    with open(fd, "rb", buffering=0) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "not a regular file"
         while True:
             n = f.readinto(buf)
             if not n:

@@ -132,3 +132,37 @@ def test_tree_lists_each_kind_of_entry_from_its_folders_listing_without_a_stat_p
         "pkg/sub/big.py": hashlib.sha256(b"x" * 200_000).hexdigest(),
     }
     assert list(listed) == sorted(listed)
+
+
+@pytest.mark.parametrize("swap, listed", [
+    (lambda path: path.symlink_to("/dev/zero"), "symlink:/dev/zero"),
+    (lambda path: path.symlink_to("../../operators.json"), "symlink:../../operators.json"),  # a file out of the code
+    (lambda path: __import__("os").mkfifo(path), "not a regular file"),
+], ids=["link to /dev/zero", "link out of the code", "FIFO"])
+def test_a_file_replaced_after_its_folder_was_listed_is_listed_as_what_it_is_now_never_followed(deployed, monkeypatch,
+                                                                                                swap, listed):
+    """tree() takes each entry's type from its folder's listing, then opens the files: one swapped for a link or a
+    FIFO meanwhile was opened as a file all the same, so the link was followed (the hash of a file outside the code,
+    or /dev/zero read for ever) and the FIFO waited for a writer, holding the agent's start and the deploy's probe."""
+    import contextlib
+    import os
+    import threading
+
+    code = deployed[0]
+    listed_before = os.scandir
+
+    def scandir_then_swap(path):
+        with listed_before(path) as listing:
+            entries = list(listing)
+        if os.fspath(path) == os.fspath(code / "pkg"):
+            (code / "pkg" / "a.py").unlink()
+            swap(code / "pkg" / "a.py")
+        return contextlib.nullcontext(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir_then_swap)
+    got = []
+    t = threading.Thread(target=lambda: got.append(codecheck.tree(code)), daemon=True)
+    t.start()
+    t.join(10)
+    assert got, "the check followed the link or waited on the FIFO"
+    assert got[0]["pkg/a.py"] == listed
