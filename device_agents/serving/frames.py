@@ -237,7 +237,7 @@ def attach_shared(fd: int, max_payload: int) -> memoryview:
         FrameError: it is not a memory file sealed against shrinking (``memfd_create`` with
             ``MFD_ALLOW_SEALING``, then ``F_SEAL_SHRINK``), it is a huge-page one (a page the system
             cannot supply would kill the reader), it is empty or larger than ``max_payload``, or it cannot be
-            mapped for reading (a descriptor reopened write-only).
+            mapped for reading (a descriptor reopened write-only), or the server has no memory left to map it.
     """
     import errno
     import fcntl
@@ -271,6 +271,9 @@ def attach_shared(fd: int, max_payload: int) -> memoryview:
                 # read-only then, charged nothing (set_tensor copies each request's inputs first)
                 return memoryview(mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ))
         except (OSError, ValueError) as exc:  # e.g. reopened write-only: else taken for the client going away
+            if getattr(exc, "errno", None) == errno.ENOMEM:  # the server's address space or map count is used up
+                raise FrameError(f"shm: the server has no memory left to map the {st.st_size}-byte memory file "
+                                 "(Cannot allocate memory); send smaller inputs, or fewer requests at once") from None
             raise FrameError(f"shm: the memory file cannot be mapped for reading ({getattr(exc, 'strerror', None) or exc}); "
                              "pass the descriptor memfd_create returned") from None
     finally:

@@ -222,3 +222,31 @@ def test_a_memory_file_the_system_will_not_reserve_privately_is_read_from_a_shar
                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert child.returncode == 0, child.stderr[-600:]
     assert child.stdout.splitlines() == ["private: Cannot allocate memory", "[0.0, 1.0, 2.0, 3.0] False"]
+
+
+def test_a_memory_file_no_mapping_of_which_fits_the_server_is_refused_as_no_memory_left_not_a_wrong_descriptor():
+    """When even the shared read-only mapping fails for lack of memory (an address-space limit, systemd's LimitAS=),
+    the answer said "pass the descriptor memfd_create returned", which the client had done. In a child process: the
+    limit is its own."""
+    reader = textwrap.dedent("""
+        import fcntl, os, resource, socket
+        from device_agents.serving.frames import FrameError, Receiver, write_frame
+        fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 256 << 20)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        a, b = socket.socketpair()
+        receiver = Receiver(b, reuse=True, shared=True)
+        used = next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (used + (64 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+        write_frame(a, {"op": "predict", "shm": True,
+                        "tensors": [{"name": "x", "dtype": "float32", "shape": [4], "offset": 0}]}, fds=[fd])
+        try:
+            receiver.read(512 << 20)
+        except FrameError as exc:
+            print(exc)
+    """)
+    child = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == 0, child.stderr[-600:]
+    assert child.stdout.strip() == ("shm: the server has no memory left to map the 268435456-byte memory file (Cannot "
+                                    "allocate memory); send smaller inputs, or fewer requests at once")
