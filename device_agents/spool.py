@@ -16,7 +16,8 @@ commits while the writer goes on, holding it back only to copy the last pages of
 1,000 pages. A writer :data:`WAL_AHEAD` commits past the start of a checkpoint still running (a slow disk: SQLite skips
 the writer's own checkpoints meanwhile) waits for it to end, then checkpoints itself, so the bound holds on a slow disk
 too. A checkpoint moves what is already committed: a crash at any moment loses nothing (SQLite replays the WAL at the
-next open).
+next open). A WAL file that a burst grew past :data:`WAL_RESTART_PAGES` pages is cut back to that size when it starts
+over (SQLite's ``journal_size_limit``): a device's disk does not keep the burst's 16 MB.
 
 The spool is bounded by ``max_records``. When it is full the oldest periodic row (:data:`DROPPABLE`:
 telemetry, live figures, shadow comparisons; each is superseded by the next) is dropped to make room;
@@ -139,6 +140,9 @@ class Spool:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_MAX_PAGES}")
+        # a WAL a burst grew past WAL_RESTART_PAGES is cut back to that when it starts over (it kept its largest size)
+        page = self._db.execute("PRAGMA page_size").fetchone()[0]
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_RESTART_PAGES * page}")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                          "kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")

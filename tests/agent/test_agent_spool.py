@@ -358,10 +358,27 @@ def test_the_wal_stays_bounded_under_a_long_write_burst_with_no_idle_time(tmp_pa
             publisher.wake()
     finally:
         publisher.stop()
-    wal = (tmp_path / "s.db-wal").stat().st_size  # the WAL file keeps its largest size until the spool is closed
+    wal = (tmp_path / "s.db-wal").stat().st_size  # the WAL file's largest size until it starts over
     page = spool._db.execute("PRAGMA page_size").fetchone()[0]
     assert wal < 4000 * page, f"WAL grew to {wal / page:.0f} pages"
     assert len(spool.pending(limit=5000)) == 2500
+    spool.close()
+
+
+def test_a_wal_a_burst_grew_is_cut_back_when_it_starts_over(tmp_path, monkeypatch):
+    """With no checkpoint during a burst (the writer's own off, no publisher), the WAL file grows to 3,000 pages; once
+    a checkpoint copied it all, the next write starts it over and cuts the file to WAL_RESTART_PAGES pages. It kept
+    its largest size (12 MB of a device's disk) until the spool was closed."""
+    monkeypatch.setattr(spool_module, "WAL_MAX_PAGES", 10**9)
+    spool = Spool(tmp_path / "s.db", max_records=100_000)
+    page = spool._db.execute("PRAGMA page_size").fetchone()[0]
+    wal = tmp_path / "s.db-wal"
+    while wal.stat().st_size < 3000 * page:
+        add(spool, "telemetry", "x" * 3000)
+    spool._commits = spool_module.CHECKPOINT_EVERY
+    spool.checkpoint()
+    add(spool, "telemetry")
+    assert wal.stat().st_size <= spool_module.WAL_RESTART_PAGES * page
     spool.close()
 
 
