@@ -174,8 +174,8 @@ class Client:
 
         Raises:
             ServingError: the answer is an error (its text), the API cannot be reached or answers
-                nothing twice, or no answer came within ``timeout`` (never sent again: the agent
-                would run it twice, and the caller wait twice its timeout).
+                nothing twice, the answer is malformed or cut short, or no answer came within ``timeout`` (neither
+                sent again: the agent would run it twice, and the caller wait twice its timeout).
         """
         for attempt in (1, 2):  # a connection the server closed meanwhile is opened again once
             if self._sock is None:
@@ -200,7 +200,10 @@ class Client:
                 self._drop()
                 raise ServingError(f"serving API at {self.path}: no answer within {self.timeout:g} s (Client's timeout); "
                                    "the agent is busy or stuck: retry, or give a longer timeout") from None
-            except (OSError, FrameError) as exc:
+            except FrameError as exc:  # a malformed or truncated answer: the request was taken, never sent again
+                self._drop()
+                raise ServingError(f"serving API at {self.path}: its answer: {exc}") from None
+            except OSError as exc:
                 self._drop()
                 if attempt == 2:
                     raise ServingError(f"serving API at {self.path}: {exc}") from None

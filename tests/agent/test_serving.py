@@ -983,6 +983,35 @@ def test_a_request_not_answered_within_the_clients_timeout_is_not_sent_again(tmp
             conn.close()
 
 
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"EKS"], ids=["malformed", "cut short"])
+def test_a_malformed_or_cut_short_answer_is_said_once_and_the_request_not_sent_again(tmp_path, answer):
+    """An answer the client cannot read (not a serving frame, or the stream ends inside one: an agent killed while
+    it answered) was taken as a connection to open again: the request, which the agent had taken, was sent a second
+    time on a new connection (run twice), and the second answer's error said. Now the first one is said, once."""
+    path = tmp_path / "s.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    requests: list[bytes] = []
+
+    def answer_each() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn = listener.accept()[0]
+                with conn:
+                    requests.append(conn.recv(65536))
+                    conn.sendall(answer)
+
+    threading.Thread(target=answer_each, daemon=True).start()
+    try:
+        with Client(path=path, timeout=5) as client, pytest.raises(ServingError) as caught:
+            client.predict(np.zeros(3, np.float32))
+        assert str(caught.value).startswith(f"serving API at {path}: its answer: ") and "\n" not in str(caught.value)
+        assert len(requests) == 1
+    finally:
+        listener.close()
+
+
 def test_a_client_without_permission_on_the_socket_is_told_who_may_connect(tmp_path, monkeypatch):
     """An application run as a user outside the agent's group (the socket is mode 660) was told "Permission
     denied; is the agent running?": the agent was running. (The tests run as root, whom the mode does not stop:
