@@ -227,6 +227,26 @@ def test_a_damaged_spool_is_moved_aside_and_a_new_one_started_counted_with_its_h
     assert Spool(path).stats()["damaged_spools"] == 1  # a sound spool is opened as it is
 
 
+def test_a_spool_damaged_inside_is_moved_aside_at_the_start_too(tmp_path):
+    """A spool whose header and schema were sound but one of whose outbox pages was damaged raised "database disk
+    image is malformed" at every start (the count of its rows read the page): the agent crashed in a loop. SQLite's
+    quick_check finds it now, so it is moved aside and a new spool started, as one that is no database at all."""
+    path = tmp_path / "spool.db"
+    spool = Spool(path)
+    for _ in range(300):
+        add(spool, "bench", "x" * 1300)
+    spool.close()
+    data = bytearray(path.read_bytes())
+    page = len(data) // 4096 - 3  # a leaf page of the outbox
+    data[page * 4096:(page + 1) * 4096] = b"\xff" * 4096
+    path.write_bytes(bytes(data))
+    spool = Spool(path)
+    assert spool.stats()["damaged_spools"] == 1 and spool.stats()["pending"] == 0
+    assert len(list(tmp_path.glob("spool.db.damaged-*"))) == 1
+    assert add(spool, "bench")[1] == b"bench:1:x"
+    spool.close()
+
+
 def test_a_flood_of_refusals_is_counted_exactly_with_about_one_commit_a_second(tmp_path):
     """Each refused (or replayed) command was one committed counter write: a flood of unsigned commands on the
     device's topic was a transaction per message on its SD card. Counts now reach the disk at most once a
