@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -23,6 +24,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def add(spool, kind, text="x"):
     return spool.add(kind, f"t/{kind}", lambda seq: f"{kind}:{seq}:{text}".encode())
+
+
+@contextlib.contextmanager
+def disk_full_on(spool, statement):
+    """Within the block, every SQL statement of ``spool`` that starts with ``statement`` fails as on a full disk."""
+    real = spool._db
+
+    class Full:
+        def execute(self, sql, *args):
+            if sql.startswith(statement):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    spool._db = Full()
+    try:
+        yield
+    finally:
+        spool._db = real
 
 
 def test_rows_come_back_in_order_until_acknowledged(tmp_path):
@@ -105,19 +124,10 @@ def test_an_acknowledged_row_the_full_disk_kept_from_deleting_is_deleted_with_th
     spool = Spool(tmp_path / "s.db")
     r1, _ = add(spool, "bench")
     r2, _ = add(spool, "bench")
-    real = spool._db
-
-    class Full:
-        def execute(self, sql, *args):
-            if sql.startswith("DELETE"):
-                raise sqlite3.OperationalError("database or disk is full")
-            return real.execute(sql, *args)
-
-    spool._db = Full()
-    spool.done(r1)  # never raises (it runs on paho's thread)
-    assert spool.stats()["pending"] == 2  # its deletion failed: still on disk
-    assert [r[0] for r in spool.pending()] == [r2]  # but not handed out again
-    spool._db = real
+    with disk_full_on(spool, "DELETE"):
+        spool.done(r1)  # never raises (it runs on paho's thread)
+        assert spool.stats()["pending"] == 2  # its deletion failed: still on disk
+        assert [r[0] for r in spool.pending()] == [r2]  # but not handed out again
     spool.done(r2)
     assert spool.pending() == [] and spool.stats()["pending"] == 0
 
@@ -174,17 +184,8 @@ def test_status_and_reported_numbers_keep_rising_across_restarts_and_a_full_disk
     spool.close()
     spool = Spool(tmp_path / "s.db")
     assert spool.next_seq("status") == 4
-    real = spool._db
-
-    class Full:
-        def execute(self, sql, *args):
-            if sql.startswith("INSERT"):
-                raise sqlite3.OperationalError("database or disk is full")
-            return real.execute(sql, *args)
-
-    spool._db = Full()
-    assert [spool.next_seq("status") for _ in range(2)] == [5, 6]  # from memory, never raises
-    spool._db = real
+    with disk_full_on(spool, "INSERT"):
+        assert [spool.next_seq("status") for _ in range(2)] == [5, 6]  # from memory, never raises
     assert spool.next_seq("status") == 7  # written again once space returns
     spool.close()
     assert Spool(tmp_path / "s.db").next_seq("status") == 8
@@ -319,18 +320,9 @@ def test_a_number_read_ahead_is_taken_only_when_the_message_went_out_and_never_m
     assert spool.upcoming_seq("reported") == 2
     spool.took_seq("reported", 1)  # taken again (a retry that did go out twice): no lower, no higher
     assert spool.upcoming_seq("reported") == 2 and spool.upcoming_seq("status") == 1
-    real = spool._db
-
-    class Full:
-        def execute(self, sql, *args):
-            if sql.startswith("INSERT"):
-                raise sqlite3.OperationalError("database or disk is full")
-            return real.execute(sql, *args)
-
-    spool._db = Full()
-    spool.took_seq("reported", 2)  # held in memory, never raises
-    assert spool.upcoming_seq("reported") == 3
-    spool._db = real
+    with disk_full_on(spool, "INSERT"):
+        spool.took_seq("reported", 2)  # held in memory, never raises
+        assert spool.upcoming_seq("reported") == 3
     spool.took_seq("reported", 3)
     spool.close()
     assert Spool(tmp_path / "s.db").upcoming_seq("reported") == 4
