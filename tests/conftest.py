@@ -129,6 +129,35 @@ def run_cli(capsys, monkeypatch):
     return run
 
 
+def run_on_a_terminal(code: str, **env: str) -> tuple[int, str]:
+    """Run ``python -c code`` on a pseudo-terminal (with ``env`` over this process's environment); return its exit code
+    and all it wrote there (stdout and stderr, as the terminal shows them)."""
+    import pty
+    import subprocess
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower,
+                            env={**os.environ, "TERM": "xterm-256color", **env})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return proc.wait(timeout=120), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.fixture
+def on_a_terminal():
+    """:func:`run_on_a_terminal`, for tests whose output is drawn only on a terminal (progress bars, colours)."""
+    return run_on_a_terminal
+
+
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory):
     """The digits example (trained briefly) in a session temp folder."""

@@ -132,28 +132,11 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_130(edgekit):
     assert as_json.returncode == 130 and json.loads(as_json.stdout)["exit_code"] == 130
 
 
-def test_no_color_on_a_terminal_prints_no_escape_codes():
-    import os
-    import pty
-
+def test_no_color_on_a_terminal_prints_no_escape_codes(on_a_terminal):
     for args in (["profiles", "list"], ["profiles", "--help"]):
-        leader, follower = pty.openpty()
-        code = f"import sys; sys.argv = ['edgekit', *{args!r}]; from edge_kit.cli import main; main()"
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower,
-                                env={**os.environ, "NO_COLOR": "1", "TERM": "xterm-256color"})
-        os.close(follower)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(leader)
-        assert proc.wait(timeout=120) == 0
-        text = b"".join(chunks).decode()
+        code, text = on_a_terminal(f"import sys; sys.argv = ['edgekit', *{args!r}]; from edge_kit.cli import main; main()",
+                                   NO_COLOR="1")
+        assert code == 0
         assert "rpi4" in text or "Usage" in text
         assert "\x1b" not in text, args
 

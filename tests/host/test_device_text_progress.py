@@ -9,11 +9,6 @@ The bar is drawn on a terminal only, so the command runs on a pseudo-terminal he
 
 from __future__ import annotations
 
-import os
-import pty
-import subprocess
-import sys
-
 OSC52 = "\x1b]52;c;ZWNobyBwd25lZA==\x07"
 REFUSAL = f"[/][link=https://evil.example]click[/link]{OSC52}"
 
@@ -36,31 +31,14 @@ edge_kit.manifest.read_manifest = lambda *_a, **_k: None
 """
 
 
-def run_on_a_terminal(code: str) -> tuple[int, str]:
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower,
-                            env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "400"})
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    return proc.wait(timeout=120), b"".join(chunks).decode("utf-8", "replace")
-
-
-def test_a_device_refusal_on_the_deploy_progress_bar_is_shown_not_obeyed(tmp_path):
+def test_a_device_refusal_on_the_deploy_progress_bar_is_shown_not_obeyed(tmp_path, on_a_terminal):
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("fleet: sim\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
                      "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.1}\n")
     argv = ["edgekit", "deploy", "--fleet", str(fleet), "--artifacts", str(tmp_path), "--canary", "50%",
             "--gate", "live"]
-    code, text = run_on_a_terminal(f"import sys\n{PRELUDE}\nsys.argv = {argv!r}\nfrom edge_kit.cli import main\nmain()")
+    code, text = on_a_terminal(f"import sys\n{PRELUDE}\nsys.argv = {argv!r}\nfrom edge_kit.cli import main\nmain()",
+                               COLUMNS="400")
     assert code == 0, text
     assert "Traceback" not in text and "MarkupError" not in text
     assert "\x1b]52" not in text and "\x1b]8;" not in text  # no clipboard write, no hyperlink
