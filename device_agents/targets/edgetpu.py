@@ -233,22 +233,30 @@ TURN_POLL_S = 0.1  # how often a process waiting for its turn looks again
 # How long `edgekit-agent activate` waits for the running agent's own check and load of a model to end (its child is
 # killed after SMOKE_TIMEOUT_S): what a host running it over SSH adds to its command timeout.
 TURN_WAIT_S = SMOKE_TIMEOUT_S + 60.0
+_turns = threading.local()  # per thread: the roots whose turn it holds (``held``)
 
 
 @contextlib.contextmanager
 def turn(root: Path, wait_s: float = 0.0) -> Iterator[None]:
     """Run the ``with`` block, where this process opens the Edge TPU for a model that no serving interpreter holds yet,
     holding ``<root>/``:data:`TURN` (an exclusive flock): the running agent's check and load of its current model (at
-    its start, or after a switch made over SSH) and `edgekit-agent activate`'s smoke check take turns there, as an Edge
-    TPU opens for one process at a time and the serving socket's pause covers only what is served. A process that ends
-    (killed included) lets it go. Waits ``wait_s`` at most for another process's turn to end. Yields nothing; raises
-    what the block raises.
+    its start, or after a switch made over SSH), its own smoke checks and benches (commands over MQTT) and
+    `edgekit-agent activate`'s smoke check take turns there, as an Edge TPU opens for one process at a time and the
+    serving socket's pause covers only what is served. A process that ends (killed included) lets it go. Waits
+    ``wait_s`` at most for another process's turn to end, or another thread's: a flock belongs to the open file, so
+    each thread takes its own, and a turn the calling thread holds already (a bench, then its smoke check) is just the
+    block. Yields nothing; raises what the block raises.
 
     Raises:
-        AcceleratorBusy: another process still holds it after ``wait_s`` (the file named).
+        AcceleratorBusy: another process (or another thread of this one) still holds it after ``wait_s`` (the file
+            named).
         DeviceError: the file does not open (the root is missing or not this user's), in one line naming it; the block
             does not run.
     """
+    held = _turns.__dict__.setdefault("held", set())
+    if root in held:  # nested in this thread's turn: a second open's flock would wait for the first
+        yield
+        return
     try:
         fd = os.open(root / TURN, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access: any user of the root
     except OSError as exc:
@@ -267,7 +275,11 @@ def turn(root: Path, wait_s: float = 0.0) -> Iterator[None]:
                                           f"({root / TURN} taken{f' for {wait_s:g} s' if wait_s else ''}: the running "
                                           "agent, or edgekit-agent activate); retry once it ends") from None
                 time.sleep(TURN_POLL_S)
-        yield
+        held.add(root)
+        try:
+            yield
+        finally:
+            held.discard(root)
     finally:
         os.close(fd)  # the lock goes with it
 

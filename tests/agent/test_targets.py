@@ -396,23 +396,69 @@ def test_an_interpreter_made_while_the_probe_looks_through_the_held_edge_tpus_wa
 
 def test_a_process_waits_its_edge_tpu_turn_then_is_told_in_one_line_who_may_hold_it(tmp_path):
     """The running agent's check and load of its model and `edgekit-agent activate`'s smoke check take turns on the
-    Edge TPU through ``<root>/edgetpu.lock`` (a flock: two opens of it exclude each other, in one process too). One
-    that waited its ``wait_s`` in vain is told in one line what holds it; the turn ended, the next one takes it."""
+    Edge TPU through ``<root>/edgetpu.lock`` (a flock: two opens of it exclude each other, in one process too: here
+    another thread's). One that waited its ``wait_s`` in vain is told in one line what holds it; the turn ended, the
+    next one takes it."""
+    import threading
     import time
 
     from device_agents.errors import AcceleratorBusy
     from device_agents.targets.edgetpu import turn
 
-    with turn(tmp_path):
-        t0 = time.monotonic()
+    def other():
         with pytest.raises(AcceleratorBusy) as caught, turn(tmp_path, wait_s=0.3):
             pass
+        told.append(caught)
+
+    told: list = []
+    with turn(tmp_path):
+        t0 = time.monotonic()
+        waiting = threading.Thread(target=other)
+        waiting.start()
+        waiting.join(10)
         assert 0.3 <= time.monotonic() - t0 < 5
+    (caught,) = told
     assert str(caught.value) == (f"another process holds the Edge TPU for a model it checks or loads ({tmp_path}/"
                                  "edgetpu.lock taken for 0.3 s: the running agent, or edgekit-agent activate); retry "
                                  "once it ends")
     with turn(tmp_path):  # let go
         pass
+
+
+def test_a_turn_nested_in_the_thread_holding_it_is_its_own_while_another_thread_waits_for_it(tmp_path):
+    """The agent's check and load of its current model, and its bench, hold the Edge TPU turn around a smoke check that
+    takes it too: a second open of ``<root>/edgetpu.lock`` is another flock, which waited for the first, so the agent
+    found its own turn busy. A turn nested in the thread that holds it is just its block now; another thread of the
+    process still waits for it (or is told it is busy), and takes it once the outer one ends, not the nested one."""
+    import threading
+    import time
+
+    from device_agents.errors import AcceleratorBusy
+    from device_agents.targets.edgetpu import turn
+
+    took, busy = [], []
+
+    def other(wait_s: float) -> None:
+        try:
+            with turn(tmp_path, wait_s):
+                took.append(time.monotonic())
+        except AcceleratorBusy as exc:
+            busy.append(exc)
+
+    waiting = threading.Thread(target=other, args=(30.0,))
+    with turn(tmp_path):
+        with turn(tmp_path, wait_s=0.3):  # nested: at once, never told busy
+            with turn(tmp_path):
+                told = threading.Thread(target=other, args=(0.0,))
+                told.start()
+                told.join(10)
+                waiting.start()
+                time.sleep(0.5)
+        time.sleep(0.3)
+        assert len(busy) == 1 and took == [] and waiting.is_alive()  # the nested ones let nothing go
+        ended = time.monotonic()
+    waiting.join(10)
+    assert len(took) == 1 and took[0] >= ended and len(busy) == 1
 
 
 def test_an_edge_tpu_turn_whose_file_does_not_open_is_one_line_naming_it(tmp_path):
