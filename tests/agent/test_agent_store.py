@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
+import sys
+from typing import Iterator
 
 import pytest
 
@@ -980,25 +984,14 @@ def test_activate_right_after_the_agent_restarted_waits_for_its_start_up_check(f
     it was asked for paused nothing and the activation's check found the Coral busy and failed. The activation waits for
     the agent's check and load now (both take ``<root>/edgetpu.lock``), then pauses its serving as before: both pass,
     and the agent serves the new model."""
-    import subprocess
-    import sys
-
     root, env, first, serving, start = fake_coral
     sha = _second_edgetpu(ModelStore(root), face, tmp_path)
     holding, log = tmp_path / "child.pid", root / "agent.log"
     start({**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)})  # its start-up check's child holds the Coral until told
     assert wait(lambda: holding.exists() and holding.read_text(), 120), log.read_text() if log.exists() else ""
-    activate = subprocess.Popen([sys.executable, "-m", "device_agents", "activate", "--sha256", sha, "--root",
-                                 str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with activating(root, sha, env) as activate:
         assert wait(lambda: activate.poll() is not None or waits_its_turn(activate.pid, root), 120)
         holding.write_text("done")  # the agent's check ends
-        _, err = activate.communicate(timeout=300)
-        assert activate.returncode == 0, err
-    finally:
-        if activate.poll() is None:
-            activate.kill()
-            activate.communicate(timeout=30)
     assert ModelStore(root).current() == sha
     assert wait(lambda: serving(sha), 60), log.read_text()
     said = log.read_text()
@@ -1012,6 +1005,23 @@ def _second_edgetpu(store: ModelStore, face, tmp_path) -> str:
     second = tmp_path / "second.tflite"
     second.write_bytes(face.read_bytes() + b"\0")
     return store.install(second, variant="edgetpu", model="blazeface").sha256
+
+
+@contextlib.contextmanager
+def activating(root, sha: str, env) -> Iterator[subprocess.Popen]:
+    """Run `edgekit-agent activate` of model ``sha`` on ``root`` in its own process with ``env`` for the ``with``
+    block; yield it. After the block, wait for it to end (300 s at most) and assert it exited 0 (its stderr said);
+    one the block left by raising is killed."""
+    activate = subprocess.Popen([sys.executable, "-m", "device_agents", "activate", "--sha256", sha, "--root",
+                                 str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield activate
+        _, err = activate.communicate(timeout=300)
+        assert activate.returncode == 0, err
+    finally:
+        if activate.poll() is None:
+            activate.kill()
+            activate.communicate(timeout=30)
 
 
 def waits_its_turn(pid: int, root) -> bool:
@@ -1028,17 +1038,12 @@ def test_an_agent_restarted_while_activate_checks_a_model_waits_for_that_check(f
     start-up check found the Coral busy, logged an error and told requests that its model cannot be served until it
     tried again. It waits for the activation now (``<root>/edgetpu.lock``), requests told so, then serves the model
     activated."""
-    import subprocess
-    import sys
 
     from device_agents.serving import Client, ServingError
 
     root, env, first, serving, start = fake_coral
     sha = _second_edgetpu(ModelStore(root), face, tmp_path)
     holding, log = tmp_path / "child.pid", root / "agent.log"
-    activate = subprocess.Popen([sys.executable, "-m", "device_agents", "activate", "--sha256", sha, "--root",
-                                 str(root)], env={**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def told() -> str | None:  # what a request is told of the active model, once past "checked in a child first"
         with Client(root, timeout=30) as client:
@@ -1048,18 +1053,12 @@ def test_an_agent_restarted_while_activate_checks_a_model_waits_for_that_check(f
                 return str(exc) if "active model" in str(exc) and "checked in a child first" not in str(exc) else None
         return "served"
 
-    try:
+    with activating(root, sha, {**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)}):
         assert wait(lambda: holding.exists() and holding.read_text(), 120), "activate's child never held the Coral"
         start(env)
         assert wait(told, 120), log.read_text() if log.exists() else ""
         assert "once another process's check on the Edge TPU ends (edgekit-agent activate)" in told()
         holding.write_text("done")  # the activation's check ends
-        _, err = activate.communicate(timeout=300)
-        assert activate.returncode == 0, err
-    finally:
-        if activate.poll() is None:
-            activate.kill()
-            activate.communicate(timeout=30)
     assert wait(lambda: serving(sha), 120), log.read_text()
     said = log.read_text()
     assert " ERROR " not in said and f"serving edgetpu {first[:12]}" not in said
