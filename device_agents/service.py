@@ -62,7 +62,7 @@ from device_agents.smoke import SmokePool
 from device_agents.spool import Spool
 from device_agents.store import ModelStore, StoreError, default_root
 from device_agents.targets import TARGETS, accelerator_missing
-from device_agents.targets.edgetpu import EdgeTpu, turn
+from device_agents.targets.edgetpu import TURN_WAIT_S, EdgeTpu, turn
 from edgekit_protocol import messages
 from edgekit_protocol.commands import MAX_TTL_S, Command, CommandError, parse_command
 from edgekit_protocol.config import AgentConfig
@@ -75,6 +75,10 @@ WRITES = ("install", "activate", "rollback", "bench", "operators")  # commands t
 # may run for minutes (a TensorRT engine is built at install; a shadow model loads in its child for up to
 # 120 s; a benchmark runs in its watched child up to bench.total_timeout_s): the telemetry beat goes on meanwhile
 LONG = ("install", "shadow", "bench")
+# How long an activation (a command or a desired state, on the main thread: no telemetry, no other command meanwhile)
+# waits for `edgekit-agent activate`'s turn on the Edge TPU (a smoke check takes seconds), then answers it busy; a
+# bench, in its worker thread, waits as long as that activate would (TURN_WAIT_S).
+ACTIVATE_TURN_WAIT_S = 30.0
 # The log file (``--log-file``, what the supervisor's agent writes) is cut at this size and one older part kept:
 # every refused command is a line, and a flood of them on the broker must not fill the device's storage.
 LOG_MAX_BYTES = 5_000_000
@@ -570,6 +574,8 @@ class Agent:
                 failed, crashed or was killed by its watchdog (the model's sha256, the step and the reason said).
             DataFileError: the eval set does not fit the model. RuntimeUnavailable: no runtime for it here.
             CommandError: its ``min_seconds`` is not below this agent's ``bench.total_timeout_s``.
+            AcceleratorBusy: on the Edge TPU, `edgekit-agent activate`'s turn did not end within ``TURN_WAIT_S``, or
+                serving is paused for its child.
         """
         a = cmd.args
         overrides = {k: a[k] for k in ("warmup", "min_runs", "min_seconds", "threads") if k in a}
@@ -582,7 +588,7 @@ class Agent:
         path = self.store.verify(sha)
         settings = self._settings_for(sha, settings)  # the record names the delegate that ran it
         try:
-            with self._accelerator_for_child(settings, f"bench of model {sha[:12]}"):
+            with self._accelerator_for_child(settings, f"bench of model {sha[:12]}", TURN_WAIT_S):
                 # a model that fails on zeros is named so, as at activation; stopping the agent ends that child too
                 self._loads_in_child(path, sha, settings, cancel=self._stop)
                 # in a child, watched: a model that loops or crashes on the eval samples costs the child, not the agent
@@ -638,21 +644,33 @@ class Agent:
         self._smoked.add(key)
 
     @contextlib.contextmanager
-    def _accelerator_for_child(self, settings: Any, what: str) -> Iterator[None]:
+    def _accelerator_for_child(self, settings: Any, what: str, wait_s: float = 0.0) -> Iterator[None]:
         """Run the ``with`` block, where a child process (``what``) opens a model with ``settings``' delegate, with
         the serving API's interpreters closed when they hold that accelerator and it opens for one process at a time
         (:meth:`Server.paused_for`: an Edge TPU).
-        Requests wait meanwhile, 20 s at most (``PAUSE_WAIT_S``, then told it is paused). ``settings`` None: no child
-        runs. Yields nothing; raises what the block raises.
+        Requests wait meanwhile, 20 s at most (``PAUSE_WAIT_S``, then told it is paused). On the Edge TPU it takes its
+        turn first (:func:`~device_agents.targets.edgetpu.turn`, ``wait_s`` at most, serving not paused meanwhile), as
+        `edgekit-agent activate` does: neither child finds it busy. ``settings`` None: no child runs. Yields nothing;
+        raises what the block raises.
 
         Raises:
-            DeviceError: serving is paused already for another process's child, which holds that Edge TPU (named).
+            AcceleratorBusy: another process's turn (`edgekit-agent activate`) did not end within ``wait_s`` (``what``
+                named), or serving is paused already for another process's child, which holds that Edge TPU.
+            DeviceError: the turn's file does not open (named).
         """
-        if self.server is None or settings is None:
+        if settings is None:
             yield
             return
-        with self.server.paused_for(settings.delegate, settings.delegate_options,
-                                    f"the {what} opens the Edge TPU it holds (one process at a time)"):
+        with contextlib.ExitStack() as held:
+            if settings.delegate == EdgeTpu.key:
+                try:
+                    held.enter_context(turn(self.store.root, wait_s))
+                except AcceleratorBusy as exc:
+                    raise AcceleratorBusy(f"{what}: {exc}") from None
+            if self.server is not None:
+                held.enter_context(self.server.paused_for(settings.delegate, settings.delegate_options,
+                                                          f"the {what} opens the Edge TPU it holds (one process at a "
+                                                          "time)"))
             yield
 
     def _settings_for(self, sha: str, settings: Any) -> Any:
@@ -697,13 +715,15 @@ class Agent:
 
         Raises:
             StoreError: not installed, damaged, or it failed its smoke test (the current model stays).
+            AcceleratorBusy: on the Edge TPU, `edgekit-agent activate`'s turn did not end within
+                :data:`ACTIVATE_TURN_WAIT_S`, or serving is paused for its child (nothing changed).
         """
         self.disk.check("activate")
         if keep is not None:  # written before the switch: nothing after it can fail for space
             atomic_write(self.store.root / "candidates.json", json.dumps(sorted(keep)).encode())
         b = self.cfg.bench
         child = self._settings_for(sha, b) if sha != self.store.current() else None  # current: no check, no child
-        with self._accelerator_for_child(child, f"smoke check of model {sha[:12]}"):
+        with self._accelerator_for_child(child, f"smoke check of model {sha[:12]}", ACTIVATE_TURN_WAIT_S):
             result = self.store.activate(sha, runtime=b.runtime, delegate=b.delegate, options=b.delegate_options,
                                          threads=b.threads, smoke=self.smoke)
         if result["smoke"] is not None:  # checked with the settings it is served with: not again

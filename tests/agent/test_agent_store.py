@@ -728,7 +728,8 @@ def test_an_agent_whose_edge_tpu_turn_file_does_not_open_says_so_once_and_serves
     lock = agent.store.root / "edgetpu.lock"
     try:
         sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
-        agent._activate(sha)
+        agent._activate(sha)  # took its turn: made the file
+        lock.unlink()
         lock.symlink_to(agent.store.root / "gone" / "edgetpu.lock")  # does not open
         with caplog.at_level(logging.ERROR, logger="edgekit.agent"):
             agent.follow_current()
@@ -1062,6 +1063,79 @@ def test_an_agent_restarted_while_activate_checks_a_model_waits_for_that_check(f
     assert wait(lambda: serving(sha), 120), log.read_text()
     said = log.read_text()
     assert " ERROR " not in said and f"serving edgetpu {first[:12]}" not in said
+
+
+def test_the_agents_own_bench_and_activation_take_their_edge_tpu_turn_after_activate_over_ssh(
+        fake_coral, face, tmp_path, monkeypatch, wait):
+    """The running agent's bench and activation (commands over MQTT, or a desired state) took no turn on the Edge TPU:
+    while `edgekit-agent activate` over SSH checked a model (its turn held, its child holding the USB Coral) and nothing
+    was served on it to pause, their smoke check's child found the Coral busy and failed, said to be the model's fault.
+    They take their turn now, before any pause: an activation (on the agent's main thread: no telemetry meanwhile)
+    waits ACTIVATE_TURN_WAIT_S, then is answered in one line that the Edge TPU is busy, nothing changed; a bench (in its
+    worker thread) waits as long as that activate would (TURN_WAIT_S), then runs; both pass once it ends."""
+    import fcntl
+    import threading
+    import time
+
+    from device_agents.config import load_agent_config
+    from device_agents.errors import AcceleratorBusy, SmokeFailed
+    from device_agents.service import Agent
+    from edgekit_protocol.commands import Command
+
+    root, env, first, _, _ = fake_coral
+    store = ModelStore(root)
+    second = _second_edgetpu(store, face, tmp_path)
+    third = tmp_path / "third.tflite"
+    third.write_bytes(face.read_bytes() + b"\0\0")
+    third = store.install(third, variant="edgetpu", model="blazeface").sha256
+    monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # in this process: libedgetpu loads, an Edge TPU opens
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library, options: object())
+    monkeypatch.setattr("device_agents.service.ACTIVATE_TURN_WAIT_S", 0.5)
+    agent = Agent(load_agent_config(tmp_path / "agent.yaml"))  # the running agent; serving nothing (not started)
+
+    def child(path, **kw):  # a smoke or bench child opening the fake Coral: busy while another process holds it
+        fd = os.open(env["EDGEKIT_FAKE_CORAL"], os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SmokeFailed("Failed to load delegate from libedgetpu.so.1") from None
+        finally:
+            os.close(fd)
+        return {"ok": True}
+
+    agent.smoke = child
+    monkeypatch.setattr("device_agents.service.bench_in_child", lambda smoke, path, settings, **kw: child(path) and {
+        "latency_ms": {"p90": 1.0}, "runs": 3})
+    agent.emit = lambda kind, body: {"msg_id": "m"}
+    holding, benched, failed = tmp_path / "child.pid", [], []
+
+    def bench():
+        try:
+            benched.append(agent._cmd_bench(Command(msg_id="b", name="bench", args={"sha256": first})))
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            failed.append(exc)
+
+    bencher = threading.Thread(target=bench, daemon=True)  # never holds pytest past a failure: it may wait 180 s
+    try:
+        with activating(root, second, {**env, "EDGEKIT_FAKE_CORAL_SLOW": str(holding)}):
+            assert wait(lambda: holding.exists() and holding.read_text(), 120), "activate's child never held the Coral"
+            with pytest.raises(AcceleratorBusy) as caught:
+                agent._activate(third)
+            assert str(caught.value) == (f"smoke check of model {third[:12]}: another process holds the Edge TPU for "
+                                         f"a model it checks or loads ({root}/edgetpu.lock taken for 0.5 s: the "
+                                         "running agent, or edgekit-agent activate); retry once it ends")
+            assert store.current() == first
+            bencher.start()
+            assert wait(lambda: failed or waits_its_turn(os.getpid(), root), 30)
+            time.sleep(0.5)
+            assert failed == [] and benched == []  # waits for the turn, its child not started
+            holding.write_text("done")  # the activation's check ends
+        bencher.join(60)
+        assert failed == [] and benched[0]["sha256"] == first and benched[0]["runs"] == 3
+        assert store.current() == second
+        assert agent._activate(third)["current"] == third  # its turn now
+    finally:
+        agent.spool.close()
 
 
 def test_activate_says_why_the_running_agent_did_not_pause_its_serving(face, tmp_path, monkeypatch):
