@@ -814,8 +814,7 @@ class Agent:
 
         Raises:
             StoreError: the model is not installed or fails its check. DeviceError: no serving API,
-                nothing served, the shadow is the served model or cannot be loaded, or it runs on the Edge TPU
-                the served model holds.
+                nothing served, the shadow is the served model or cannot be loaded, or it runs on the Edge TPU.
         """
         if self.server is None:
             raise DeviceError("shadow: the serving API is off on this device (serve.enabled)")
@@ -825,10 +824,11 @@ class Agent:
             return {"shadow": None}
         sha = self.store.resolve(sha256=a.get("sha256"), variant=a.get("variant"))
         settings = self._settings_for(sha, self.cfg.bench)
-        if settings.delegate == EdgeTpu.key and EdgeTpu.held(settings.delegate_options):
-            raise DeviceError(f"shadow: model {sha[:12]} runs on the Edge TPU the served model holds, and an Edge TPU "
-                              "opens for one process at a time (a shadow runs in a child beside serving): bench it "
-                              "instead (serving pauses for a bench), or shadow it on a device with a second Edge TPU")
+        if settings.delegate == EdgeTpu.key:  # its child would hold it for as long as it runs, taking no turn
+            raise DeviceError(f"shadow: model {sha[:12]} runs on the Edge TPU, which opens for one process at a time: "
+                              "a shadow's child would hold it as long as it runs, and serving, smoke checks and "
+                              "benches (edgekit-agent activate's too) would find it busy; bench it instead (serving "
+                              "pauses for a bench)")
         self.server.set_shadow(self.store.verify(sha), sha, (self.store.describe(sha) or {}).get("variant"),
                                share=float(a.get("share", 0.1)), max_per_s=float(a.get("max_per_s", 5.0)))
         return {"shadow": self.server.shadow.model.ref(), "serving": self.server.current.ref()}

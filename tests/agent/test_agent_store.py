@@ -607,8 +607,7 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
         # answered before the pause late (a CI run saw it with 2); a fallback serving meanwhile would count hundreds
         assert agent.store.current() == sha and failed == [] and len(seen) == 2 and 0 <= seen[1] - seen[0] <= workers
         assert len(answered) > seen[1] and coral.open_here == workers  # served again after the child, from the Edge TPU
-        with pytest.raises(DeviceError, match="runs on the Edge TPU the served model holds, and an Edge TPU opens "
-                                              "for one process at a time"):
+        with pytest.raises(DeviceError, match="runs on the Edge TPU, which opens for one process at a time"):
             agent._cmd_shadow(Command(msg_id="s", name="shadow", args={"sha256": sha}))
         agent.server.current.__dict__["_make"] = lambda path: no_tpu("libedgetpu.so.1", None)  # unplugged meanwhile
         with agent.server.paused("a child"):
@@ -618,6 +617,38 @@ def test_a_smoke_check_on_a_usb_coral_serving_an_edgetpu_model_pauses_serving_an
             agent.server.predict(x)
     finally:
         stop.set()
+        agent.spool.close()
+
+
+def test_a_shadow_of_an_edgetpu_model_is_refused_beside_a_model_served_on_the_cpu(face, tmp_path, monkeypatch,
+                                                                                  offline_config):
+    """A shadow run of an edgetpu model was refused only while the served model held the Edge TPU: beside a CPU
+    variant served, its child opened the Edge TPU for as long as it ran, taking no turn, so `edgekit-agent activate`'s
+    smoke check and the agent's own bench of an edgetpu model found it busy and failed as the model's fault. It is
+    refused in one line whatever is served; no shadow runs."""
+    from device_agents.errors import DeviceError
+    from device_agents.service import Agent
+    from edgekit_protocol.commands import Command
+
+    monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # libedgetpu loads, an Edge TPU opens
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library, options: object())
+    agent = Agent(offline_config("bench: {delegate: edgetpu}\n", serve="{enabled: true}"))
+    agent.smoke = lambda path, **kw: {"ok": True}
+    try:
+        served = agent.store.install(face, variant="fp16", model="blazeface").sha256  # on the CPU
+        agent._activate(served)
+        agent.follow_current()
+        assert agent.server.current.sha256 == served
+        sha = _second_edgetpu(agent.store, face, tmp_path)
+        with pytest.raises(DeviceError) as caught:
+            agent._cmd_shadow(Command(msg_id="s", name="shadow", args={"sha256": sha}))
+        assert str(caught.value) == (f"shadow: model {sha[:12]} runs on the Edge TPU, which opens for one process at "
+                                     "a time: a shadow's child would hold it as long as it runs, and serving, smoke "
+                                     "checks and benches (edgekit-agent activate's too) would find it busy; bench it "
+                                     "instead (serving pauses for a bench)")
+        assert agent.server.shadow is None
+    finally:
+        agent.server.close()
         agent.spool.close()
 
 
