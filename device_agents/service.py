@@ -649,7 +649,8 @@ class Agent:
         the serving API's interpreters closed when they hold that accelerator and it opens for one process at a time
         (:meth:`Server.paused_for`: an Edge TPU).
         Requests wait meanwhile, 20 s at most (``PAUSE_WAIT_S``, then told it is paused). On the Edge TPU it takes its
-        turn first (:func:`~device_agents.targets.edgetpu.turn`, ``wait_s`` at most, serving not paused meanwhile), as
+        turn first (:func:`~device_agents.targets.edgetpu.turn`, ``wait_s`` at most, less once the agent is stopping;
+        serving not paused meanwhile), as
         `edgekit-agent activate` does: neither child finds it busy. ``settings`` None: no child runs. Yields nothing;
         raises what the block raises.
 
@@ -664,7 +665,7 @@ class Agent:
         with contextlib.ExitStack() as held:
             if settings.delegate == EdgeTpu.key:
                 try:
-                    held.enter_context(turn(self.store.root, wait_s))
+                    held.enter_context(turn(self.store.root, wait_s, cancel=self._stop))
                 except AcceleratorBusy as exc:
                     raise AcceleratorBusy(f"{what}: {exc}") from None
             if self.server is not None:

@@ -237,7 +237,7 @@ _turns = threading.local()  # per thread: the roots whose turn it holds (``held`
 
 
 @contextlib.contextmanager
-def turn(root: Path, wait_s: float = 0.0) -> Iterator[None]:
+def turn(root: Path, wait_s: float = 0.0, cancel: threading.Event | None = None) -> Iterator[None]:
     """Run the ``with`` block, where this process opens the Edge TPU for a model that no serving interpreter holds yet,
     holding ``<root>/``:data:`TURN` (an exclusive flock): the running agent's check and load of its current model (at
     its start, or after a switch made over SSH), its own smoke checks and benches (commands over MQTT) and
@@ -245,11 +245,11 @@ def turn(root: Path, wait_s: float = 0.0) -> Iterator[None]:
     serving socket's pause covers only what is served. A process that ends (killed included) lets it go. Waits
     ``wait_s`` at most for another process's turn to end, or another thread's: a flock belongs to the open file, so
     each thread takes its own, and a turn the calling thread holds already (a bench, then its smoke check) is just the
-    block. Yields nothing; raises what the block raises.
+    block. ``cancel`` set (the agent is stopping) ends the wait at once. Yields nothing; raises what the block raises.
 
     Raises:
-        AcceleratorBusy: another process (or another thread of this one) still holds it after ``wait_s`` (the file
-            named).
+        AcceleratorBusy: another process (or another thread of this one) still holds it after ``wait_s``, or when
+            ``cancel`` is set while waiting (the file named).
         DeviceError: the file does not open (the root is missing or not this user's), in one line naming it; the block
             does not run.
     """
@@ -270,11 +270,17 @@ def turn(root: Path, wait_s: float = 0.0) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                stopping = cancel is not None and cancel.is_set()
+                if stopping or time.monotonic() >= deadline:
+                    waited = " (no longer waited for: this agent is stopping)" if stopping else (
+                        f" for {wait_s:g} s" if wait_s else "")
                     raise AcceleratorBusy(f"another process holds the Edge TPU for a model it checks or loads "
-                                          f"({root / TURN} taken{f' for {wait_s:g} s' if wait_s else ''}: the running "
-                                          "agent, or edgekit-agent activate); retry once it ends") from None
-                time.sleep(TURN_POLL_S)
+                                          f"({root / TURN} taken{waited}: the running agent, or edgekit-agent "
+                                          "activate); retry once it ends") from None
+                if cancel is None:
+                    time.sleep(TURN_POLL_S)
+                else:
+                    cancel.wait(TURN_POLL_S)
         held.add(root)
         try:
             yield

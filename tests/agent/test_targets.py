@@ -425,6 +425,34 @@ def test_a_process_waits_its_edge_tpu_turn_then_is_told_in_one_line_who_may_hold
         pass
 
 
+def test_a_turn_waited_for_ends_its_wait_when_the_agent_stops(tmp_path):
+    """The agent's bench waits up to TURN_WAIT_S (180 s) for edgekit-agent activate's turn: stopping the agent meanwhile
+    (systemd's stop, which kills after 90 s) waited all of it. Its stop event ends the wait at once, in one line."""
+    import threading
+    import time
+
+    from device_agents.errors import AcceleratorBusy
+    from device_agents.targets.edgetpu import turn
+
+    stop, told = threading.Event(), []
+
+    def bench():
+        with pytest.raises(AcceleratorBusy) as caught, turn(tmp_path, wait_s=60, cancel=stop):
+            pass
+        told.append(caught)
+
+    with turn(tmp_path):
+        waiting = threading.Thread(target=bench)
+        waiting.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        stop.set()
+        waiting.join(10)
+        assert time.monotonic() - t0 < 1
+    (caught,) = told
+    assert "no longer waited for: this agent is stopping" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_a_turn_nested_in_the_thread_holding_it_is_its_own_while_another_thread_waits_for_it(tmp_path):
     """The agent's check and load of its current model, and its bench, hold the Edge TPU turn around a smoke check that
     takes it too: a second open of ``<root>/edgetpu.lock`` is another flock, which waited for the first, so the agent
