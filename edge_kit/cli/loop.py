@@ -39,9 +39,9 @@ from edge_kit.cli.app import (
     spinner,
 )
 from edge_kit.errors import INFEASIBLE_EXIT
-from edge_kit.selection.policy import DEFAULT_MARGIN, infeasible
+from edge_kit.selection import DEFAULT_MARGIN
+from edge_kit.telemetry import GAP_GRACE_S
 from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE
-from edge_kit.telemetry.store import GAP_GRACE_S
 from edgekit_protocol.labels import accuracy_text, clip, power_source
 
 CandidatesOpt = Annotated[Path, typer.Option("--artifacts", help="The compiled model's folder: its variants are the candidates.")]
@@ -92,6 +92,8 @@ def infeasible_line(decisions: dict[str, Any], chosen: str = "runs") -> str | No
     constraint, each with the variant and what it breaks (a power bound with its figure's source), or None when
     there are none (:func:`~edge_kit.selection.policy.infeasible`); ``chosen``: what the device does with it
     (``runs`` after tune, ``gets`` from select)."""
+    from edge_kit.selection.policy import infeasible
+
     names = list(infeasible(decisions))
     if not names:
         return None
@@ -180,6 +182,7 @@ def select_cmd(
         unknown_runtimes_note,
     )
     from edge_kit.manifest import read_manifest
+    from edge_kit.selection.policy import infeasible
 
     fleet = load_fleet(fleet_file)
     db = open_fleet_history(fleet_file, history, read_only=True)
@@ -314,6 +317,7 @@ def tune_cmd(
     from edge_kit.errors import InputError
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.tune import tune
+    from edge_kit.selection.policy import infeasible
 
     if budget_unit not in ("runs", "seconds"):
         raise InputError(f"--budget-unit {budget_unit!r}: use runs or seconds")

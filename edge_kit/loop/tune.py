@@ -50,6 +50,7 @@ from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.keys import DeviceRevoked
 from edge_kit.manifest import Manifest, read_manifest
 from edge_kit.profiles import load_profile
+from edge_kit.selection import DEFAULT_MARGIN
 from edge_kit.selection.constraints import Measured, effective_constraints
 from edge_kit.selection.fleetmodel import (
     KIND as FLEET_KIND,
@@ -63,7 +64,6 @@ from edge_kit.selection.fleetmodel import (
     rows_from_records,
 )
 from edge_kit.selection.policy import (
-    DEFAULT_MARGIN,
     Candidate,
     Decision,
     Request,

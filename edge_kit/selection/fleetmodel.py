@@ -84,6 +84,7 @@ from typing import Any
 import numpy as np
 
 from edge_kit.profiles import Constraints
+from edge_kit.selection import DEFAULT_MARGIN
 from edge_kit.selection.constraints import (
     REFERENCE_VARIANTS,
     Measured,
@@ -92,7 +93,6 @@ from edge_kit.selection.constraints import (
     unjudged,
 )
 from edge_kit.selection.policy import (
-    DEFAULT_MARGIN,
     Decision,
     Group,
     choose_group,

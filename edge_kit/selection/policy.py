@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from edge_kit.profiles import Constraints
+from edge_kit.selection import DEFAULT_MARGIN
 from edge_kit.selection.constraints import (
     REFERENCE_VARIANTS,
     Measured,
@@ -48,8 +49,6 @@ from edge_kit.selection.constraints import (
 )
 from edge_kit.variants import parse_variant
 from edgekit_protocol.labels import accuracy_text
-
-DEFAULT_MARGIN = 0.1
 
 
 @dataclass(frozen=True)

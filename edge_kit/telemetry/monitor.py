@@ -76,12 +76,12 @@ from edge_kit.selection.constraints import (
     effective_constraints,
     violations,
 )
+from edge_kit.telemetry import GAP_GRACE_S
 from edge_kit.telemetry.budget import DEFAULT_BURST, DEFAULT_RATE, IngestBudget
 from edge_kit.telemetry.store import (
     ALERT_CONFIRM_S,
     CLEARED_REVOKED,
     CLEARED_STALE,
-    GAP_GRACE_S,
     HELD_KINDS,
     KINDS,
     REFERENCE_SCAN,

@@ -73,10 +73,6 @@ SCAN_LEASE_STALE_S = 30.0
 #: How long (seconds) a worker that records a device's new numbering waits for the gap scan to move its marks: a scan
 #: under way would otherwise write its older marks over them (:meth:`HistoryStore.add_epoch`).
 EPOCH_LEASE_WAIT_S = 2.0
-#: The default grace of the gap scan (``edgekit monitor --gap-grace-s``): how long (seconds) after a record (or a
-#: telemetry claim) was stored the scan takes the numbers before it as settled, so a record of a lower ``seq`` still on
-#: its way to another worker (queued behind that worker's batch, or in flight at the broker) is not taken as lost.
-GAP_GRACE_S = 30.0
 #: Rows of one stream (device and kind) one gap scan reads at most (:meth:`HistoryStore.seq_window`): a scan whose marks
 #: lag far behind (a group that last ran long ago) reads this many of each stream past its mark, records what it judged
 #: and the next scan goes on from there, so a scan's time is bounded whatever the history's size.

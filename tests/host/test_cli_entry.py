@@ -90,6 +90,18 @@ def test_a_typer_without_the_help_internals_edge_kit_adjusts_still_runs_every_co
     assert "rpi4" in results[0].stdout
 
 
+def test_the_cli_starts_without_numpy_pydantic_or_the_history_store():
+    """Every `edgekit` command took a second before it did anything: `edgekit --help` imported numpy, the profile
+    models (pydantic) and the history store, for three option defaults that one command module read at import. It
+    takes about half that now; a command imports what it needs when it runs."""
+    code = ("import sys\nsys.argv = ['edgekit', '--help']\nfrom edge_kit.cli import main\ntry:\n    main()\n"
+            "except SystemExit:\n    pass\nprint(sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'pydantic'}),"
+            " [m for m in ('edge_kit.profiles', 'edge_kit.telemetry.store', 'edge_kit.selection.policy') if m in "
+            "sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[] []"
+
+
 def test_a_toolkit_error_is_one_line_and_its_exit_code(edgekit):
     result = edgekit("pass", "profiles", "show", "rpi-4")
     assert result.returncode == 2

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from edge_kit.selection.policy import DEFAULT_MARGIN
+from edge_kit.selection import DEFAULT_MARGIN
 from edge_kit.telemetry.store import Store
 
 pytestmark = pytest.mark.integration
