@@ -29,7 +29,7 @@ carries, so a receiver tells a device whose numbering started again (re-imaged, 
 spool moved aside: ``seq`` from 1 again) from one that lost records.
 
 A spool that is not a database any more, or whose pages SQLite's ``quick_check`` finds damaged at the agent's
-start (a damaged file, a write cut by a power loss on a card that lies about fsync), is moved aside (``spool.db.damaged-<unix time>``, kept for a look) and a new one started, so
+start (a damaged file, a write cut by a power loss on a card that lies about fsync), is moved aside (``spool.db.damaged-<unix time>``, ``~1``... added when one kept has that name; kept for a look) and a new one started, so
 the agent still starts; the new one counts it (``damaged_spools``) and starts its command horizon at this
 device's clock, so a command that expired by it is refused before it is taken. A new spool's horizon
 starts no earlier than the device's provisioning (``horizon_floor``).
@@ -95,7 +95,12 @@ class Spool:
                 raise
             if getattr(self, "_db", None) is not None:
                 self._db.close()
-            damaged = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            name = f"{self.path.name}.damaged-{int(time.time())}"
+            damaged, n = self.path.with_name(name), 0
+            # one kept before in the same second (a clock without RTC boots at its last saved time): never renamed over
+            while any(damaged.with_name(damaged.name + suffix).exists() for suffix in ("", "-wal", "-shm")):
+                n += 1
+                damaged = self.path.with_name(f"{name}~{n}")
             for suffix in ("", "-wal", "-shm"):
                 src = self.path.with_name(self.path.name + suffix)
                 if src.exists():

@@ -248,6 +248,20 @@ def test_a_spool_damaged_inside_is_moved_aside_at_the_start_too(tmp_path):
     spool.close()
 
 
+def test_a_spool_damaged_again_within_the_same_second_keeps_the_one_kept_before(tmp_path, monkeypatch):
+    """A device without a real-time clock boots at the time it saved last: two damaged spools found at two starts
+    were both named spool.db.damaged-<that second>, and the second was renamed over the first (its unsent records,
+    kept for a look, were gone). Each is kept now, under a name of its own."""
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
+    path = tmp_path / "spool.db"
+    for text in (b"first damage, ", b"second damage "):
+        path.write_bytes(text * 512)
+        Spool(path).close()
+        path.unlink()
+    kept = sorted(p.read_bytes()[:14] for p in tmp_path.glob("spool.db.damaged-*") if not p.name.endswith(("-wal", "-shm")))
+    assert kept == [b"first damage, ", b"second damage "]
+
+
 def test_a_flood_of_refusals_is_counted_exactly_with_about_one_commit_a_second(tmp_path):
     """Each refused (or replayed) command was one committed counter write: a flood of unsigned commands on the
     device's topic was a transaction per message on its SD card. Counts now reach the disk at most once a
