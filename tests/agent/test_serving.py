@@ -983,11 +983,15 @@ def test_a_request_not_answered_within_the_clients_timeout_is_not_sent_again(tmp
             conn.close()
 
 
-@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"EKS"], ids=["malformed", "cut short"])
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 400 Bad Request\r\n\r\n", b"EKS",
+    frame({"ok": True, "tensors": [{"name": "y", "dtype": "float32", "shape": [1000]}]}, bytes(4000))],
+    ids=["malformed", "cut short", "over the client's max_payload"])
 def test_a_malformed_or_cut_short_answer_is_said_once_and_the_request_not_sent_again(tmp_path, answer):
     """An answer the client cannot read (not a serving frame, or the stream ends inside one: an agent killed while
     it answered) was taken as a connection to open again: the request, which the agent had taken, was sent a second
-    time on a new connection (run twice), and the second answer's error said. Now the first one is said, once."""
+    time on a new connection (run twice), and the second answer's error said. Now the first one is said, once. One
+    over the client's own ``max_payload`` named the server's limit (serve.max_payload_mb) as the one to raise."""
     path = tmp_path / "s.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -1004,10 +1008,12 @@ def test_a_malformed_or_cut_short_answer_is_said_once_and_the_request_not_sent_a
 
     threading.Thread(target=answer_each, daemon=True).start()
     try:
-        with Client(path=path, timeout=5) as client, pytest.raises(ServingError) as caught:
+        with Client(path=path, timeout=5, max_payload=1000) as client, pytest.raises(ServingError) as caught:
             client.predict(np.zeros(3, np.float32))
         assert str(caught.value).startswith(f"serving API at {path}: its answer: ") and "\n" not in str(caught.value)
         assert len(requests) == 1
+        if answer.startswith(MAGIC):
+            assert str(caught.value).endswith("over the 1000-byte limit (Client's max_payload)")
     finally:
         listener.close()
 
