@@ -74,6 +74,12 @@ class MetricError(DeviceError):
     that raised or returned something else than numbers; the text names the key or function."""
 
 
+class SpoolUnavailable(EdgeKitError):
+    """The agent's spool cannot be opened at its start (locked, read-only, a full disk, I/O errors): no damage, so it
+    is kept as it is; the text names the file, the error and what to do. Exit 1: systemd starts the agent again (exit 2
+    stops it for good), and a fault that passes (space freed, the other process gone) ends there."""
+
+
 class DiskFull(StoreError):
     """The device's disk has no room for what was asked; the text says how much is free and what to free."""
 

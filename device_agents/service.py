@@ -40,6 +40,7 @@ from device_agents.errors import (
     DiskFull,
     SmokeFailed,
     SmokeTimedOut,
+    SpoolUnavailable,
     Unsignable,
 )
 from device_agents.identity import (
@@ -91,6 +92,12 @@ class Agent:
     """One device's agent. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT)."""
 
     def __init__(self, cfg: AgentConfig):
+        """Set up the agent of ``cfg`` (its store, key, spool, broker client); nothing runs before :meth:`run`.
+
+        Raises:
+            SpoolUnavailable: the spool cannot be opened (locked, read-only, a full disk, I/O errors); a damaged one is
+                moved aside and a new one started instead.
+        """
         self.cfg = cfg
         self.store = ModelStore(cfg.root or default_root())
         self.store.ensure()
@@ -104,8 +111,14 @@ class Agent:
         self.disk = Disk(self.store.root, reserve_bytes=int(cfg.store.reserve_mb * 1e6),
                          min_free_bytes=int(cfg.store.min_free_mb * 1e6))
         self.disk.refresh()  # the reserve that lets the agent answer "disk full" when the disk is full
-        self.spool = Spool(self.store.root / "spool.db", cfg.spool_max_records,
-                           horizon_floor=provisioned_at(self.identity))
+        try:
+            self.spool = Spool(self.store.root / "spool.db", cfg.spool_max_records,
+                               horizon_floor=provisioned_at(self.identity))
+        except sqlite3.OperationalError as exc:  # not damage (that is moved aside): said in one line, started again
+            raise SpoolUnavailable(f"{self.store.root / 'spool.db'}: the spool cannot be opened ({exc}); kept as it is, "
+                                   "tried again at the agent's next start: free space on its disk, check the card "
+                                   "(dmesg: I/O errors, a read-only mount) or stop what holds it; moving it aside "
+                                   "starts a new spool (its unsent records stay in it)") from exc
         # A persistent session: commands sent while the agent reconnects wait for it on the broker.
         # A persistent session, and the broker hears that a command arrived only once it is on disk.
         self.client = make_client(cfg.broker, f"edgekit-agent-{cfg.fleet}-{cfg.device}", password=cfg.password(),

@@ -173,11 +173,13 @@ class Client:
         connection has not had it yet.
 
         Raises:
-            ServingError: the answer is an error (its text), the API cannot be reached or answers
-                nothing twice, the answer is malformed or cut short, or no answer came within ``timeout`` (neither
-                sent again: the agent would run it twice, and the caller wait twice its timeout).
+            ServingError: the answer is an error (its text), the API cannot be reached twice (a connection it closed
+                before taking the request, EPIPE on the send or ECONNRESET on the receive, is opened again once), the
+                connection is closed once the request was sent with no answer, the answer is malformed or cut short,
+                or no answer came within ``timeout`` (none of these three sent again: the agent took it and would run
+                it twice, and the caller wait twice its timeout).
         """
-        for attempt in (1, 2):  # a connection the server closed meanwhile is opened again once
+        for attempt in (1, 2):  # a connection the server closed before taking the request is opened again once
             if self._sock is None:
                 self._connect()
             fds = [self._shm[0]] if "shm" in header and self._shm is not None and self._shm_on is not self._sock else None
@@ -208,11 +210,10 @@ class Client:
                 if attempt == 2:
                     raise ServingError(f"serving API at {self.path}: {exc}") from None
                 continue
-            if frame is None:
+            if frame is None:  # the whole request was read (Linux: one left unread is ECONNRESET): taken, never again
                 self._drop()
-                if attempt == 2:
-                    raise ServingError(f"serving API at {self.path} closed the connection")
-                continue
+                raise ServingError(f"serving API at {self.path}: it closed the connection without answering (the "
+                                   "agent stopped, or failed on this request: see its log); not sent again")
             answer, tensors = frame
             if self.busy_poll_ns and header.get("op") == "predict":  # an info call's quick answer says nothing
                 self._round_trips.append(time.perf_counter_ns() - sent)

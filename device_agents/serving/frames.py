@@ -353,8 +353,9 @@ def _header_size(start: bytes | memoryview) -> int:
 _MAX_ARRAY = np.iinfo(np.intp).max  # bytes of the largest shape numpy takes, its zero dimensions left out
 
 
-def _plan(header: dict[str, Any], max_payload: int) -> tuple[list[tuple], int]:
-    """Return the header's tensors as ``(name, dtype, shape, nbytes, offset)`` and their total bytes.
+def _plan(header: dict[str, Any], max_payload: int, limit: str = "serve.max_payload_mb") -> tuple[list[tuple], int]:
+    """Return the header's tensors as ``(name, dtype, shape, nbytes, offset)`` and their total bytes; ``limit`` names
+    the setting ``max_payload`` comes from (the server's; a client reading an answer, its own).
 
     Raises:
         FrameError: a tensor entry that is malformed (name, dtype, shape: an empty one whose other dimensions numpy
@@ -380,7 +381,7 @@ def _plan(header: dict[str, Any], max_payload: int) -> tuple[list[tuple], int]:
                              "are too large for an array")
         total += nbytes
         if total > max_payload:
-            raise FrameError(f"tensors of {total} bytes or more are over the {max_payload}-byte limit (serve.max_payload_mb)")
+            raise FrameError(f"tensors of {total} bytes or more are over the {max_payload}-byte limit ({limit})")
         plan.append((e["name"], np.dtype(e["dtype"]), tuple(shape), nbytes, e.get("offset")))
     return plan, total
 
@@ -550,7 +551,7 @@ class Receiver:
         known = self._known.get(key)
         if known is None or known[2] != max_payload:
             header = _parse_header(raw)
-            plan, total = _plan(header, max_payload)
+            plan, total = _plan(header, max_payload, "serve.max_payload_mb" if self.reuse else "Client's max_payload")
             if (header.get("op") == "predict") if self.reuse else (ms is not None and header.get("ms") == ms):
                 if len(self._known) >= 16:
                     self._known.clear()

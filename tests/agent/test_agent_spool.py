@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from device_agents import spool as spool_module
 from device_agents.identity import Signer
 from device_agents.mqtt import SpooledPublisher
@@ -246,6 +248,47 @@ def test_a_spool_damaged_inside_is_moved_aside_at_the_start_too(tmp_path):
     assert len(list(tmp_path.glob("spool.db.damaged-*"))) == 1
     assert add(spool, "bench")[1] == b"bench:1:x"
     spool.close()
+
+
+def test_a_spool_damaged_again_within_the_same_second_keeps_the_one_kept_before(tmp_path, monkeypatch):
+    """A device without a real-time clock boots at the time it saved last: two damaged spools found at two starts
+    were both named spool.db.damaged-<that second>, and the second was renamed over the first (its unsent records,
+    kept for a look, were gone). Each is kept now, under a name of its own."""
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
+    path = tmp_path / "spool.db"
+    for text in (b"first damage, ", b"second damage "):
+        path.write_bytes(text * 512)
+        Spool(path).close()
+        path.unlink()
+    kept = sorted(p.read_bytes()[:14] for p in tmp_path.glob("spool.db.damaged-*") if not p.name.endswith(("-wal", "-shm")))
+    assert kept == [b"first damage, ", b"second damage "]
+
+
+def test_a_spool_that_cannot_be_read_at_the_start_stops_the_agent_in_one_line_and_is_kept(offline_config, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """An I/O error reading the spool (a failing card; quick_check reads every page) or one locked, read-only or on a
+    full disk is no damage: the spool is kept as it is. The agent's start ended in a Python traceback, at every
+    restart; now in one line naming the file, the error and what to do, exit 1 (systemd starts it again)."""
+    from device_agents.__main__ import main
+
+    cfg = offline_config()
+    Spool(cfg.root / "spool.db").close()
+    real = sqlite3.connect
+
+    class Unreadable(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA quick_check"):
+                raise sqlite3.OperationalError("disk I/O error")
+            return super().execute(sql, *args)
+
+    monkeypatch.setattr(sqlite3, "connect", lambda *args, **kw: real(*args, factory=Unreadable, **kw))
+    with pytest.raises(SystemExit) as caught:
+        main(["run", "--config", str(tmp_path / "agent.yaml")])
+    err = capsys.readouterr().err.splitlines()  # the log's lines before it: the device key made
+    assert caught.value.code == 1 and not any(line.startswith("Traceback") for line in err)
+    assert err[-1].startswith(f"edgekit-agent: error: {cfg.root / 'spool.db'}: the spool cannot be opened (disk I/O "
+                              "error)") and "dmesg" in err[-1]
+    assert (cfg.root / "spool.db").exists() and not list(cfg.root.glob("spool.db.damaged-*"))
 
 
 def test_a_flood_of_refusals_is_counted_exactly_with_about_one_commit_a_second(tmp_path):

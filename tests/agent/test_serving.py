@@ -983,11 +983,20 @@ def test_a_request_not_answered_within_the_clients_timeout_is_not_sent_again(tmp
             conn.close()
 
 
-@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"EKS"], ids=["malformed", "cut short"])
-def test_a_malformed_or_cut_short_answer_is_said_once_and_the_request_not_sent_again(tmp_path, answer):
+@pytest.mark.parametrize("answer, said", [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "its answer: not an edge-kit serving frame"),
+    (b"EKS", "its answer: the stream ended 5 bytes short of a complete frame"),
+    (frame({"ok": True, "tensors": [{"name": "y", "dtype": "float32", "shape": [1000]}]}, bytes(4000)),
+     "its answer: tensors of 4000 bytes or more are over the 1000-byte limit (Client's max_payload)"),
+    (b"", "it closed the connection without answering")],
+    ids=["malformed", "cut short", "over the client's max_payload", "no answer"])
+def test_a_malformed_cut_short_or_missing_answer_is_said_once_and_the_request_not_sent_again(tmp_path, answer, said):
     """An answer the client cannot read (not a serving frame, or the stream ends inside one: an agent killed while
     it answered) was taken as a connection to open again: the request, which the agent had taken, was sent a second
-    time on a new connection (run twice), and the second answer's error said. Now the first one is said, once."""
+    time on a new connection (run twice), and the second answer's error said. Now the first one is said, once. One
+    over the client's own ``max_payload`` named the server's limit (serve.max_payload_mb) as the one to raise. A
+    connection closed once the whole request was sent (Linux: one the agent closed before taking it fails the send,
+    EPIPE, or the receive, ECONNRESET) is an agent that took it and stopped or failed on it: not sent again either."""
     path = tmp_path / "s.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -1004,12 +1013,34 @@ def test_a_malformed_or_cut_short_answer_is_said_once_and_the_request_not_sent_a
 
     threading.Thread(target=answer_each, daemon=True).start()
     try:
-        with Client(path=path, timeout=5) as client, pytest.raises(ServingError) as caught:
+        with Client(path=path, timeout=5, max_payload=1000) as client, pytest.raises(ServingError) as caught:
             client.predict(np.zeros(3, np.float32))
-        assert str(caught.value).startswith(f"serving API at {path}: its answer: ") and "\n" not in str(caught.value)
+        assert str(caught.value).startswith(f"serving API at {path}: {said}") and "\n" not in str(caught.value)
         assert len(requests) == 1
     finally:
         listener.close()
+
+
+def test_a_client_whose_idle_connection_was_closed_for_a_new_one_sends_its_next_request_on_a_new_connection(
+        wait, store):
+    """The one connection the client sends again on: the agent closed it while idle (here for a new client, all
+    max_clients taken), which the next request's send finds (EPIPE). A connection closed after the whole request was
+    sent is no longer opened again (the agent took it), so this must not be taken for one."""
+    from device_agents.serving.server import EVICT_GRACE_S
+
+    srv = Server(store.root / "one.sock", make_interpreter=make, max_clients=1, max_payload=1 << 20).start()
+    srv.serve_model(store.model_path(store.shas["int8"]), store.shas["int8"], "int8")
+    try:
+        with Client(path=store.root / "one.sock", timeout=5) as client:
+            assert client.info()["ok"] is True
+            time.sleep(EVICT_GRACE_S)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+                other.connect(str(store.root / "one.sock"))
+                assert wait(lambda: srv.snapshot()["turned_away"]["evicted_idle"] == 1)
+            assert wait(lambda: srv.snapshot()["clients"] == 0)
+            assert client.predict(samples(1)[0])["output_0"].shape == (10,)
+    finally:
+        srv.close()
 
 
 def test_a_client_without_permission_on_the_socket_is_told_who_may_connect(tmp_path, monkeypatch):
