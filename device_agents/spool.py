@@ -29,10 +29,11 @@ carries, so a receiver tells a device whose numbering started again (re-imaged, 
 spool moved aside: ``seq`` from 1 again) from one that lost records.
 
 A spool that is not a database any more, or whose pages SQLite's ``quick_check`` finds damaged at the agent's
-start (a damaged file, a write cut by a power loss on a card that lies about fsync), is moved aside (``spool.db.damaged-<unix time>``, ``~1``... added when one kept has that name; kept for a look) and a new one started, so
-the agent still starts; the new one counts it (``damaged_spools``) and starts its command horizon at this
-device's clock, so a command that expired by it is refused before it is taken. A new spool's horizon
-starts no earlier than the device's provisioning (``horizon_floor``).
+start (a damaged file, a write cut by a power loss on a card that lies about fsync), is moved aside
+(``spool.db.damaged-<unix time>``, ``~1``... added when one kept has that name; kept for a look) and a new one
+started, so the agent still starts; the new one counts it (``damaged_spools``) and starts its command horizon at this
+device's clock, so a command that expired by it is refused before it is taken. A new spool's horizon starts no
+earlier than the device's provisioning (``horizon_floor``).
 """
 
 from __future__ import annotations
