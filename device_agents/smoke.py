@@ -17,13 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from device_agents.errors import SmokeCrashed, SmokeFailed, SmokeTimedOut
-from device_agents.runtimes import RUNTIMES, RuntimeUnavailable, get_runtime, ran_with
+from device_agents.runtimes import RuntimeUnavailable, get_runtime, ran_with
 from edgekit_protocol.errors import ConfigError
+
+if TYPE_CHECKING:  # imported in the children (the forkserver preloads it): not in a parent that only waits for them
+    import numpy as np
 
 # once a child has begun its answer, how long it may take to finish it at the least (else the run's deadline)
 SEND_GRACE_S = 10.0
@@ -53,6 +54,8 @@ def smoke(model: Path, runtime: str | None = None, delegate: str = "xnnpack",
         SmokeFailed: it did not load (options its target does not take included), did not run, or gave
             NaN/infinite float outputs.
     """
+    import numpy as np
+
     from device_agents.inference import ModelRunner
 
     try:
@@ -91,6 +94,8 @@ def save_inputs(inputs: dict[str, np.ndarray], folder: Path) -> Path:
     Raises:
         OSError: the folder or a file could not be written.
     """
+    import numpy as np
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, x in enumerate(inputs.values()):
@@ -110,6 +115,8 @@ def predict_saved(model: str, runtime: str | None, threads: int, inputs: str, ou
     Raises:
         SmokeFailed: the model did not load or run, or the inputs do not fit it (the first line said).
     """
+    import numpy as np
+
     from device_agents.inference import ModelRunner
     from device_agents.runtimes.banner import runtime_banner_dropped
 
@@ -165,13 +172,6 @@ def _child(fn: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
         result = ("failed", str(exc))
     conn.send(result)
     conn.close()
-
-
-def _preload() -> None:
-    """Import the installed interpreter module in the forkserver, so children start warm."""
-    for cls in RUNTIMES.values():
-        if cls.unavailable_reason() is None:
-            break
 
 
 def seconds(s: float) -> str:
@@ -270,7 +270,8 @@ class SmokePool:
 
     def __init__(self) -> None:
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["device_agents.smoke", "device_agents.bench"])
+        self.ctx.set_forkserver_preload(["numpy", "device_agents.smoke", "device_agents.bench",
+                                         "device_agents.runtimes.preload"])
 
     def warm(self) -> None:
         """Start the forkserver now (it imports numpy and the interpreter once), not at the first activation."""
@@ -383,10 +384,9 @@ class SmokePool:
         """
         import tempfile
 
+        import numpy as np
+
         with tempfile.TemporaryDirectory(prefix="edgekit-outputs-", dir=Path(inputs).parent) as out:
             names = self.run(predict_saved, str(model), runtime, threads, str(inputs), out, timeout=timeout,
                              what="inference")
             return {name: np.load(Path(out) / f"out{i}.npy", allow_pickle=False) for i, name in enumerate(names)}
-
-
-_preload()

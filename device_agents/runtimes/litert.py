@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +28,8 @@ class LiteRT(Runtime):
         return None
 
     def version(self) -> str:
+        import importlib.metadata  # here: the store commands, which never ask, start without it (tens of ms)
+
         try:
             return importlib.metadata.version(self.package)
         except importlib.metadata.PackageNotFoundError:

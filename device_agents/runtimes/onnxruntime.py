@@ -19,24 +19,32 @@ and says in one line how to install it.
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 from pathlib import Path
-from typing import Any, ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from device_agents.runtimes.base import Runtime
+
+if TYPE_CHECKING:  # numpy is imported where a model runs: the agent's store commands start without it
+    import numpy as np
 
 INSTALL = "pip install 'edge-kit[agent-onnx]'"
 # Preferred first; the CPU provider is always last and always present. TensorRT: the tensorrt runtime's.
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
-_DTYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16, "tensor(uint16)": np.uint16,
-    "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_,
-}
+
+@functools.cache
+def _dtypes() -> dict[str, type]:
+    """Return the numpy dtype of each ONNX tensor type the agent feeds, keyed by ONNX Runtime's name of it."""
+    import numpy as np
+
+    return {
+        "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+        "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16, "tensor(uint16)": np.uint16,
+        "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_,
+    }
 
 
 # ONNX Runtime prefixes a message with the C++ source line and, often, the throwing function's signature
@@ -109,7 +117,9 @@ class OrtInterpreter:
 
     @staticmethod
     def _detail(index: int, arg: Any, model: str, output: bool = False) -> dict[str, Any]:
-        dtype = _DTYPES.get(arg.type)
+        import numpy as np
+
+        dtype = _dtypes().get(arg.type)
         if dtype is None:
             raise ValueError(f"{model}: tensor '{arg.name}' has type {arg.type}, which the agent does not feed")
         if not arg.shape:  # ONNX Runtime gives [] for a scalar and for an undeclared shape alike
@@ -146,6 +156,8 @@ class OrtInterpreter:
         Raises:
             ValueError: ``index`` is not an input, or the value's shape or dtype does not fit.
         """
+        import numpy as np
+
         if not 0 <= index < len(self._inputs):
             raise ValueError(f"tensor {index} is not an input of this model")
         d = self._inputs[index]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import multiprocessing
 import re
 import resource
 import shutil
@@ -39,8 +38,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
-
-import numpy as np
 
 from device_agents.disk import read_json, sha256_of
 from device_agents.formats import (
@@ -309,6 +306,8 @@ def _session(ort: Any, model: Path, options: dict[str, Any], *, threads: int = 1
 
 def _zeros(interp: OrtInterpreter) -> None:
     """Set every input of ``interp`` to zeros of its shape and dtype (returns nothing, raises nothing)."""
+    import numpy as np
+
     for d in interp.get_input_details():
         interp.set_tensor(d["index"], np.zeros(tuple(d["shape"]), dtype=d["dtype"]))
 
@@ -422,6 +421,7 @@ def build_in_child(model: Path, root: Path, *, threads: int = 1, timeout: float 
     Raises:
         EngineBuildError: the build failed, the child died, or it took longer than ``timeout`` seconds.
     """
+    import multiprocessing
     import threading
 
     from device_agents import smoke

@@ -15,9 +15,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from device_agents.errors import (
     NO_ACTIVE_MODEL,
@@ -40,6 +38,9 @@ from device_agents.serving.frames import (
 )
 from device_agents.store import default_root
 from edgekit_protocol.errors import EdgeKitError
+
+if TYPE_CHECKING:  # imported where tensors are: info, live and pause (edgekit-agent state, activate) go without it
+    import numpy as np
 
 SOCKET = "serve.sock"
 SHM_MIN = 64 * 1024  # inputs at least this large go through shared memory
@@ -84,6 +85,8 @@ def _carried(arrays: dict[str, np.ndarray]) -> None:
 
 def _named(inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
     """Return ``inputs`` as arrays by name (a bare array is named ``x``)."""
+    import numpy as np
+
     return {k: np.asarray(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {"x": np.asarray(inputs)}
 
 
@@ -245,6 +248,8 @@ class Client:
             ServingError: the inputs do not fit the model (a dtype the API does not carry included), no
                 model is active, the API is unreachable, or the memory file for a large input cannot be made.
         """
+        import numpy as np
+
         arrays = _named(inputs)
         size = sum(a.nbytes for a in arrays.values())
         if self.shared_memory and (size >= SHM_MIN or self._in_file(arrays)):
@@ -283,6 +288,8 @@ class Client:
 
     def _in_file(self, arrays: dict[str, np.ndarray]) -> bool:
         """Return whether any of ``arrays`` lies in this client's current memory file (from :meth:`shared`)."""
+        import numpy as np
+
         return self._shm is not None and any(np.may_share_memory(a, self._shm[2]) for a in arrays.values())
 
     def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
@@ -299,6 +306,8 @@ class Client:
         """
         import fcntl
         import mmap
+
+        import numpy as np
 
         if any(a.dtype.hasobject for a in arrays.values()):  # Python objects: no bytes to copy
             _carried(arrays)

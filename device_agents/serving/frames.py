@@ -33,16 +33,18 @@ import os
 import re
 import socket
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from edgekit_protocol.errors import MessageError
 from edgekit_protocol.messages import strict_loads
+
+if TYPE_CHECKING:  # imported where tensors are: a frame without any (info, live, pause) is read and written without it
+    import numpy as np
 
 MAGIC = b"EKS1"
 MAX_HEADER = 64 * 1024
@@ -152,6 +154,8 @@ def _exactly(stream: BinaryIO, n: int) -> bytes | None:
 
 def describe(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """Return the header's ``tensors`` entries for named arrays."""
+    import numpy as np
+
     return [{"name": name, "dtype": np.asarray(a).dtype.name, "shape": list(np.shape(a))} for name, a in arrays.items()]
 
 
@@ -198,10 +202,15 @@ def write_frame(stream: Any, header: dict[str, Any], arrays: dict[str, np.ndarra
     Raises:
         OSError: the peer is gone. ValueError: the header holds NaN or infinity.
     """
-    arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
+    if arrays:
+        import numpy as np
+
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    else:
+        arrays = {}
     if head is None:
         if arrays or "tensors" not in header:  # a shared-memory request describes its tensors itself
-            header = {**header, "tensors": describe(arrays)}
+            header = {**header, "tensors": describe(arrays) if arrays else []}
         head = encode_head(header)
     chunks = [head, *(memoryview(a).cast("B") for a in arrays.values() if a.nbytes)]
     if hasattr(stream, "sendmsg"):
@@ -286,6 +295,8 @@ def _shared_arrays(plan: list[tuple], view: memoryview) -> dict[str, np.ndarray]
     Raises:
         FrameError: a tensor lies outside the file.
     """
+    import numpy as np
+
     arrays: dict[str, np.ndarray] = {}
     for name, dtype, shape, nbytes, offset in plan:
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset + nbytes > len(view):
@@ -350,7 +361,7 @@ def _header_size(start: bytes | memoryview) -> int:
     return size
 
 
-_MAX_ARRAY = np.iinfo(np.intp).max  # bytes of the largest shape numpy takes, its zero dimensions left out
+_MAX_ARRAY = sys.maxsize  # bytes of the largest shape numpy takes (np.intp's largest), its zero dimensions left out
 
 
 def _plan(header: dict[str, Any], max_payload: int, limit: str = "serve.max_payload_mb") -> tuple[list[tuple], int]:
@@ -364,6 +375,10 @@ def _plan(header: dict[str, Any], max_payload: int, limit: str = "serve.max_payl
     entries = header.get("tensors", [])
     if not isinstance(entries, list) or len(entries) > 64:
         raise FrameError("'tensors' must be a list of at most 64 entries")
+    if not entries:
+        return [], 0
+    import numpy as np
+
     plan = []
     total = 0
     for i, e in enumerate(entries):
@@ -388,6 +403,10 @@ def _plan(header: dict[str, Any], max_payload: int, limit: str = "serve.max_payl
 
 def _arrays(plan: list[tuple], payload: Any) -> dict[str, np.ndarray]:
     """Return the arrays ``plan`` describes, as views of ``payload`` (one after another)."""
+    if not plan:
+        return {}
+    import numpy as np
+
     arrays: dict[str, np.ndarray] = {}
     at = 0
     for name, dtype, shape, nbytes, _ in plan:
@@ -564,6 +583,8 @@ class Receiver:
             return header, self._from_shared(header, plan, max_payload)
         if not total:
             return header, _arrays(plan, b"")
+        import numpy as np
+
         if not self.reuse:
             if self._end - self._start >= total:  # all in already (an answer of up to 64 kB): copied out in one go
                 self._start += total

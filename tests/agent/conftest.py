@@ -6,6 +6,10 @@ import socket
 
 import pytest
 
+# the installed interpreter runtime, imported before a test fakes ctypes.CDLL (as the Edge TPU's library loading or
+# not): the runtime's own import loads its library through it (device_agents.smoke's import no longer imports it)
+import device_agents.runtimes.preload  # noqa: F401
+
 
 @pytest.fixture
 def offline_config(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -1213,3 +1214,55 @@ def test_activate_says_why_the_running_agent_did_not_pause_its_serving(face, tmp
                              "(edgekit deploy), or stop it while activating")
     finally:
         srv.close()
+
+
+# what an agent command need not import to do its work: numpy and the interpreter runtimes
+HEAVY = ("numpy", "ai_edge_litert", "tflite_runtime", "onnxruntime", "tensorrt", "pydantic")
+
+
+def heavy_imports(*args: str) -> tuple[int, list[str], str]:
+    """Run ``edgekit-agent ARGS`` in a fresh Python; return its exit code, the modules of :data:`HEAVY` it imported (in
+    that process, not in its children) and what it printed."""
+    code = ("import json, sys\nfrom device_agents.__main__ import main\nexit_code = 0\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as exc:\n    exit_code = exc.code\nsys.stdout.flush()\n"
+            f"print(json.dumps([exit_code, sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))]))")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=180)
+    assert done.stdout.strip(), done.stderr[-2000:]  # it crashed before the last line
+    *out, last = done.stdout.splitlines()
+    exit_code, heavy = json.loads(last)
+    return exit_code, heavy, "\n".join(out) + done.stderr
+
+
+def test_the_agents_store_commands_start_without_numpy_or_an_interpreter(face, tmp_path):
+    """A deploy runs `edgekit-agent install` per variant, then `activate` (`state`, `rollback` when needed) over SSH,
+    each a fresh Python on each device: all of them imported numpy (70-150 ms of a start here, measured) through
+    the runtime registry and the serving client, which they do not use. They import it no more; `activate`'s parent
+    imports the model's runtime (and numpy with it) only when the model changes: this process serves it next, its
+    runtime must be installed here; the smoke check's child (its forkserver) has it preloaded."""
+    from device_agents.serving.server import Interpreters, Server
+
+    root = tmp_path / "root"
+    code, heavy, out = heavy_imports("install", str(face), "--variant", "fp16", "--model-name", "blazeface",
+                                     "--root", str(root))
+    assert (code, heavy) == (0, []), out
+    first = json.loads(out)["sha256"]
+    store = ModelStore(root)
+    second = store.install(model_file(tmp_path, face.read_bytes() + b"\0", "face2.tflite")[0], variant="int8",
+                           model="blazeface").sha256
+    code, heavy, out = heavy_imports("activate", "--sha256", first, "--root", str(root))  # a real smoke check
+    assert (code, heavy) == (0, ["ai_edge_litert", "numpy"]), out  # the runtime this process serves it with
+    assert json.loads(out)["smoke"]["runtime"] == "litert"
+    code, heavy, out = heavy_imports("activate", "--sha256", first, "--root", str(root))  # current already: no change
+    assert (code, heavy) == (0, []), out
+    store.activate(second, smoke=lambda *a, **k: {})
+    code, heavy, out = heavy_imports("rollback", "--root", str(root))
+    assert (code, heavy) == (0, []), out
+    assert json.loads(out)["current"] == first
+    srv = Server(root / "serve.sock", make_interpreter=Interpreters(), max_clients=2).start()  # the running agent
+    try:
+        srv.serve_model(store.model_path(first), first, "fp16")
+        code, heavy, out = heavy_imports("state", "--root", str(root))
+    finally:
+        srv.close()
+    assert (code, heavy) == (0, []), out
+    assert json.loads(out)["live"]["model"] == {"sha256": first, "variant": "fp16"}  # asked over the socket

@@ -230,6 +230,7 @@ def test_a_memory_file_no_mapping_of_which_fits_the_server_is_refused_as_no_memo
     limit is its own."""
     reader = textwrap.dedent("""
         import fcntl, os, resource, socket
+        import numpy  # loaded before the limit, as in the agent: frames.py imports it at the first tensor
         from device_agents.serving.frames import FrameError, Receiver, write_frame
         fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, 256 << 20)
