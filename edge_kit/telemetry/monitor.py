@@ -64,7 +64,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agents.identity import receive, verify_published
-from device_agents.mqtt import make_client, message_topic
+from device_agents.mqtt import ack_all, make_client, message_topic
 from edge_kit.errors import AgentError, ConfigError, HistoryError, InputError
 from edge_kit.fleet.commands import broker_unreachable
 from edge_kit.fleet.inventory import Fleet
@@ -584,13 +584,12 @@ class Monitor:
         self._queue.put((topic, m.payload, time.time(), m.mid if m.qos else None))
 
     def _ack(self, mids: list[int | None]) -> None:
-        """Acknowledge the QoS 1 messages ``mids`` to the broker, in the order received; return nothing."""
-        for mid in mids:
-            if mid is not None:
-                try:
-                    self.client.ack(mid, 1)
-                except Exception:  # noqa: BLE001 - disconnected: the broker sends it again, the msg_id keeps it once
-                    log.debug("could not acknowledge %s", mid)
+        """Acknowledge the QoS 1 messages ``mids`` to the broker, in the order received, in one write
+        (:func:`~device_agents.mqtt.ack_all`); return nothing."""
+        try:
+            ack_all(self.client, mids)
+        except Exception:  # noqa: BLE001 - disconnected: the broker sends them again, the msg_id keeps each once
+            log.debug("could not acknowledge %d messages", len(mids))
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:

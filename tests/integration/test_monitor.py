@@ -1157,6 +1157,43 @@ def test_a_backlog_is_read_from_the_socket_in_large_reads_and_every_record_is_st
     assert len(reads) < n / 4, f"{len(reads)} socket reads for {n + 1} records"
 
 
+def test_a_backlog_s_records_are_acknowledged_a_batch_at_a_write_and_none_is_sent_again(fleet, publisher, tmp_path,
+                                                                                      monkeypatch):
+    """Each stored record's PUBACK was queued alone (paho's ack): a wake-up of the network thread and a socket write
+    per record. The monitor now writes a batch's PUBACKs at once, in order; the broker takes them all: none of the
+    backlog is sent again to the session's next run."""
+    writes = []
+    real = mqtt.Client._sock_send
+    monkeypatch.setattr(mqtt.Client, "_sock_send", lambda self, buf: writes.append(bytes(buf)) or real(self, buf))
+    cid = monitor_session(fleet, "acks")
+    n = 400
+    infos = [publisher.publish(messages.topic(FLEET, f"d{1 + i % 2}", "bench"),
+                               messages.encode(signed(bench(f"d{1 + i % 2}", i // 2 + 1))), qos=1) for i in range(n)]
+    for info in infos:
+        info.wait_for_publish(10)
+    store = Store(tmp_path / "h.db")
+    mon = Monitor(fleet, store, client_id=cid, persistent=True)
+    writes.clear()
+    mon.start()
+    try:
+        assert wait_until(lambda: mon.stats.stored >= n, 30), mon.stats
+        # every record stored is acknowledged: writes of PUBACKs (type 0x40, 4 bytes each) alone
+        assert wait_until(lambda: sum(len(w) // 4 for w in writes if w[:1] == b"\x40") >= n, 10), f"{len(writes)} writes"
+    finally:
+        mon.stop()
+    assert mon.stats.stored == n == store.count("bench") and mon.stats.invalid == 0
+    assert len(writes) < n / 4, f"{len(writes)} socket writes for {n} records"
+    again = []  # the session's next run: what the broker holds unacknowledged is sent again
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False)
+    client.on_message = lambda _c, _u, m: again.append(m.mid)
+    client.connect(fleet.broker.host, fleet.broker.port)
+    client.loop_start()
+    time.sleep(1.0)
+    client.disconnect()
+    client.loop_stop()
+    assert again == []
+
+
 def test_a_backlog_read_ahead_over_tls_is_stored_whole_and_once(tmp_path):
     """The read-ahead client over TLS: a TLS record holds at most 16 KiB, so packets are cut at record ends as well
     as at reads'; every record of the backlog is stored once."""
