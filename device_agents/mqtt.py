@@ -138,18 +138,22 @@ def ack_all(client: mqtt.Client, mids: list[int | None]) -> None:
     (``manual_ack``) received, in the order given, as one write of their PUBACKs; return nothing. paho's ``ack`` queues
     each PUBACK alone, waking the network thread and sending a TCP segment per message: a system call or two for each
     message a receiver of a stream stores. Where paho has no ``_packet_queue`` (its private queue of outgoing packets,
-    paho-mqtt 2.x) each is acknowledged by ``ack``. Raises as paho's ``ack`` (nothing is sent while disconnected: the
+    paho-mqtt 2.x), or one that takes other arguments, each is acknowledged by ``ack``. Raises as paho's ``ack`` (nothing is sent while disconnected: the
     broker sends those messages again)."""
     mids = [mid for mid in mids if mid is not None]
     if not mids:
         return
-    if not hasattr(client, "_packet_queue"):
-        for mid in mids:
-            client.ack(mid, 1)
-        return
-    # PUBACK with its 2-byte packet id and nothing more (MQTT 3.1.1; MQTT 5's reason code 0, success, left out): as
-    # paho's own _send_puback writes it
-    client._packet_queue(mqtt.PUBACK, b"".join(struct.pack("!BBH", mqtt.PUBACK, 2, mid) for mid in mids), 0, 0)
+    queue = getattr(client, "_packet_queue", None)
+    if queue is not None:
+        # PUBACK with its 2-byte packet id and nothing more (MQTT 3.1.1; MQTT 5's reason code 0, success, left out): as
+        # paho's own _send_puback writes it
+        try:
+            queue(mqtt.PUBACK, b"".join(struct.pack("!BBH", mqtt.PUBACK, 2, mid) for mid in mids), 0, 0)
+            return
+        except TypeError:  # a paho whose private queue takes other arguments: nothing was queued
+            pass
+    for mid in mids:
+        client.ack(mid, 1)
 
 
 def message_topic(message: mqtt.MQTTMessage) -> str:

@@ -48,3 +48,34 @@ def test_a_peer_that_never_stops_sending_does_not_hold_the_network_loop_in_one_r
         assert sock.reads <= 2 * n, f"{sock.reads} socket reads in {n} loop_read calls"
     # every packet whole and in order, none lost across the reads' ends
     assert len(got) > 7 * 8 and got == [str(i).encode() * 40 for i in range(1, len(got) + 1)]
+
+
+def test_ack_all_falls_back_to_one_ack_each_where_paho_s_private_queue_is_missing_or_takes_other_arguments():
+    """ack_all writes a batch's PUBACKs through paho's private packet queue: a paho without it, or one whose queue
+    takes other arguments (a future release), acknowledges each by ``ack`` instead of losing them all (the monitor
+    logs a failed ack at debug level only, and the broker would send the whole backlog again at every reconnect)."""
+    from device_agents.mqtt import ack_all
+
+    class Acking:
+        def __init__(self):
+            self.acked = []
+
+        def ack(self, mid, qos):
+            self.acked.append((mid, qos))
+
+    class OtherQueue(Acking):
+        def _packet_queue(self, packet):  # another signature: the call raises TypeError, nothing queued
+            raise AssertionError("not called with one argument")
+
+    class Queue(Acking):
+        queued = None
+
+        def _packet_queue(self, command, packet, mid, qos, info=None):
+            self.queued = (command, packet)
+
+    for client in (Acking(), OtherQueue()):
+        ack_all(client, [3, None, 7])
+        assert client.acked == [(3, 1), (7, 1)]
+    client = Queue()
+    ack_all(client, [3, None, 7])
+    assert client.acked == [] and client.queued == (0x40, b"\x40\x02\x00\x03\x40\x02\x00\x07")
