@@ -853,17 +853,16 @@ class Agent:
         While nothing is served, requests are told why: no model active, the active one loading (at the
         agent's start: its check in a child takes seconds), or the active one not servable. A served model whose
         interpreters a pause left unloaded (:meth:`Server.paused`: the Edge TPU unplugged meanwhile) is loaded again,
-        at each call (the service loop's, every second) until it loads. On an Edge TPU, the check and load take their
-        turn (:func:`~device_agents.targets.edgetpu.turn`): while another process checks a model on it (`edgekit-agent
+        at each call (the service loop's, every second) until it loads. On an Edge TPU, the check and load (and that
+        load again) take their turn (:func:`~device_agents.targets.edgetpu.turn`): while another process checks a model on it (`edgekit-agent
         activate`), nothing is loaded and nothing logged until a later call. Returns nothing; never raises what a load
         raises."""
         sha = self.store.current()
         if self.server is None:
             return
         served = self.server.current
-        if served and served.sha256 == sha:
-            if served.broken is not None:  # a pause left it unloaded (an Edge TPU unplugged): tried again
-                self.server.serve_model(served.path, sha, served.variant)
+        again = served is not None and served.sha256 == sha  # a pause left it unloaded (an Edge TPU unplugged)
+        if again and served.broken is None:
             return
         if sha is None:
             if self.server.current is None:
@@ -872,10 +871,14 @@ class Agent:
         if self.server.current is None:
             self.server.no_model = (f"the agent is loading the active model {sha[:12]} (checked in a child "
                                     "first); retry in a moment")
-        # its check opens the Edge TPU, as `edgekit-agent activate`'s (a deploy without a broker, right after a restart)
+        # its check and load open the Edge TPU, as `edgekit-agent activate`'s (a deploy without a broker, right after a
+        # restart), and so does loading again a model a pause left unloaded
         on_tpu = self.cfg.bench.delegate == EdgeTpu.key
         try:
             with turn(self.store.root) if on_tpu else contextlib.nullcontext():
+                if again:
+                    self.server.serve_model(served.path, sha, served.variant)
+                    return
                 path = self.store.verify(sha)
                 self._loads_in_child(path, sha, self.cfg.bench)  # switched over SSH, or checked before a restart
                 self.server.serve_model(path, sha, (self.store.describe(sha) or {}).get("variant"))

@@ -689,6 +689,39 @@ def test_a_served_model_a_pause_left_unloaded_is_loaded_again_once_the_edge_tpu_
         agent.spool.close()
 
 
+def test_a_served_model_left_unloaded_is_loaded_again_in_the_agents_edge_tpu_turn(face, monkeypatch, offline_config):
+    """The agent's loop loads again, every second, a served model a pause left unloaded (the Coral unplugged, then
+    back): it took no turn to open the Edge TPU, so while `edgekit-agent activate` checked a model (its turn held,
+    nothing to pause: serving held no Edge TPU) the reload could take the Coral from under that check's child, which
+    failed as the model's fault. It waits for that turn now: nothing loaded while it is held, loaded once it ends."""
+    import fcntl
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    try:
+        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(sha)
+        agent.follow_current()
+        served = agent.server.current
+        make = served._make
+        served._make = lambda path: no_tpu("libedgetpu.so.1", None)  # unplugged during a pause
+        with agent.server.paused("a child"):
+            pass
+        served._make = make  # plugged back
+        fd = os.open(agent.store.root / "edgetpu.lock", os.O_RDONLY)  # another process's turn: activate's check
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            agent.follow_current()
+            assert served.broken is not None and coral.open_here == 0  # its check's child holds the Coral meanwhile
+        finally:
+            os.close(fd)
+        agent.follow_current()
+        assert agent.server.current is served and served.broken is None and coral.open_here == 1
+    finally:
+        agent.spool.close()
+
+
 def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resumes_when_the_first_ends(
         face, tmp_path, monkeypatch, offline_config):
     """Serving paused for one process (`edgekit-agent activate`), a second pause (another activate, or the agent's
