@@ -664,27 +664,29 @@ class Agent:
         Requests wait meanwhile, 20 s at most (``PAUSE_WAIT_S``, then told it is paused). On the Edge TPU it takes its
         turn first (:func:`~device_agents.targets.edgetpu.turn`, ``wait_s`` at most, less once the agent is stopping;
         serving not paused meanwhile), as
-        `edgekit-agent activate` does: neither child finds it busy. ``settings`` None: no child runs. Yields nothing;
-        raises what the block raises.
+        `edgekit-agent activate` does: neither child finds it busy; within the same ``wait_s``, it then waits for that
+        process's pause of serving to end (serving loads its model again after that turn). ``settings`` None: no child
+        runs. Yields nothing; raises what the block raises.
 
         Raises:
             AcceleratorBusy: another process's turn (`edgekit-agent activate`) did not end within ``wait_s`` (``what``
-                named), or serving is paused already for another process's child, which holds that Edge TPU.
+                named), or serving is still paused for another process's child then, which holds that Edge TPU.
             DeviceError: the turn's file does not open (named).
         """
         if settings is None:
             yield
             return
+        deadline = time.monotonic() + wait_s
         with contextlib.ExitStack() as held:
             if settings.delegate == EdgeTpu.key:
                 try:
                     held.enter_context(turn(self.store.root, wait_s, cancel=self._stop))
                 except AcceleratorBusy as exc:
                     raise AcceleratorBusy(f"{what}: {exc}") from None
-            if self.server is not None:
+            if self.server is not None:  # the pause of the process whose turn it waited for ends after that turn
                 held.enter_context(self.server.paused_for(settings.delegate, settings.delegate_options,
                                                           f"the {what} opens the Edge TPU it holds (one process at a "
-                                                          "time)"))
+                                                          "time)", deadline - time.monotonic(), self._stop))
             yield
 
     def _settings_for(self, sha: str, settings: Any) -> Any:

@@ -727,7 +727,8 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
     """Serving paused for one process (`edgekit-agent activate`), a second pause (another activate, or the agent's
     own smoke check or bench) found serving's interpreters holding no Edge TPU and was answered that there was nothing
     to pause: its child then failed as busy on the Coral the first one's child held, and nothing said why. It is
-    refused at once now, naming the pause that holds it, and serving resumes when the first ends. The agent's loop,
+    refused now, naming the pause that holds it (the agent's own check after waiting for it as for its turn), and
+    serving resumes when the first ends. The agent's loop,
     finding the model that process switched to before the agent saw its pause end, loads it at a later call, without
     logging the refusal as an error."""
     import time
@@ -758,8 +759,17 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
         other = tmp_path / "other.tflite"
         other.write_bytes(face.read_bytes() + b"\0")
         other_sha = agent.store.install(other, variant="edgetpu", model="blazeface").sha256
+        monkeypatch.setattr("device_agents.service.ACTIVATE_TURN_WAIT_S", 0.5)
+        t0 = time.monotonic()
         with pytest.raises(DeviceError, match=r"^pause: serving is paused already \(the first smoke check"):
             agent._activate(other_sha)  # the agent's own smoke check: its child would fail as busy, said why instead
+        assert time.monotonic() - t0 >= 0.5  # after waiting for that pause as for a turn (ACTIVATE_TURN_WAIT_S)
+        monkeypatch.setattr("device_agents.service.ACTIVATE_TURN_WAIT_S", 60)
+        agent._stop.set()  # the agent stopping: waits no longer
+        with pytest.raises(DeviceError, match=r"^pause: serving is paused already \(the first smoke check"):
+            agent._activate(other_sha)
+        assert time.monotonic() - t0 < 5
+        agent._stop.clear()
         assert agent.store.current() == sha
         agent.store._switch(other_sha, sha)  # switched by the pausing process, whose end the agent has not seen yet
         agent.follow_current()  # not its turn: nothing loaded, nothing logged (it logged the refusal as an error)
@@ -775,6 +785,70 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
             assert coral.open_here == 0
         assert coral.open_here == 1
     finally:
+        agent.server.close()
+        agent.spool.close()
+
+
+@pytest.mark.parametrize("what", ["bench", "activation"])
+def test_the_agents_own_check_whose_turn_comes_as_activate_ends_waits_for_serving_to_load_again(
+        face, tmp_path, monkeypatch, offline_config, wait, what):
+    """`edgekit-agent activate` over SSH ends its pause of the agent's serving, then its turn on the Edge TPU: the
+    agent's bench or activation that waited for that turn took it at once, while serving was still loading its model
+    again after that pause (seconds on a Coral), and was refused as "serving is paused already", though the pause it
+    named was over. It waits for serving to load again now (within what it waits for its turn), then pauses it for
+    its own child: both pass, and the model is served again from the Edge TPU."""
+    import threading
+    import time
+
+    from device_agents.__main__ import _serving_paused
+    from edgekit_protocol.commands import Command
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    monkeypatch.setattr("device_agents.service.bench_in_child", lambda smoke, path, settings, **kw:
+                        coral.open_in_child() or {"latency_ms": {"p90": 1.0}, "runs": 3})
+    agent.emit = lambda kind, body: {"msg_id": "m"}
+    agent.server.start()
+    checked, done = threading.Event(), []
+
+    class Pool:  # activate's smoke pool: its forkserver started
+        def warm(self):
+            pass
+
+    def activate():  # in another thread: another open of the turn's file, as another process's
+        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Pool()):
+            checked.wait(30)  # its check's child holds the Coral
+
+    def own():
+        try:
+            done.append(agent._cmd_bench(Command(msg_id="b", name="bench", args={"sha256": first})) if what == "bench"
+                        else agent._activate(other))
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            done.append(exc)
+
+    try:
+        first = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(first)
+        agent.follow_current()
+        other = _second_edgetpu(agent.store, face, tmp_path)
+        served = agent.server.current
+        make = served._make
+        served._make = lambda path: time.sleep(1) or make(path)  # a Coral takes its time to load a model again
+        ssh, mine = threading.Thread(target=activate), threading.Thread(target=own)
+        ssh.start()
+        assert wait(lambda: served.paused is not None), "activate never paused serving"
+        mine.start()
+        time.sleep(0.5)
+        assert done == [] and coral.open_here == 0  # waits for activate's turn
+        checked.set()
+        ssh.join(30)
+        mine.join(60)
+        assert len(done) == 1 and not isinstance(done[0], Exception), done
+        assert (done[0]["sha256"] == first) if what == "bench" else (agent.store.current() == other)
+        assert served.paused is None and coral.open_here == 1
+    finally:
+        checked.set()
         agent.server.close()
         agent.spool.close()
 
