@@ -294,7 +294,8 @@ def _serving_paused(store: ModelStore, sha: str, delegate: str, options: dict[st
     included: :meth:`device_agents.serving.Client.pause`). ``pool``'s forkserver starts first, not during the pause.
     Before it asks, it waits its turn (:func:`device_agents.targets.edgetpu.turn`, :data:`TURN_WAIT_S` at most) while
     the agent, restarted by the same deploy, checks and loads its own model on the Edge TPU, which no pause covers
-    (nothing is served yet); the agent waits for this process's turn the same way. Nothing listening at ``socket``:
+    (nothing is served yet), or checks or benchmarks one (serving off included); the agent waits for this process's
+    turn the same way. Nothing listening at ``socket``:
     nothing to pause. An agent that cannot be asked (older than pausing, no permission, no answer within
     :data:`PAUSE_ASK_TIMEOUT_S`): the block runs all the same, and a StoreError it raises (a smoke check failed as busy)
     says why serving was not paused. Yields nothing; raises what the block raises.
@@ -306,11 +307,14 @@ def _serving_paused(store: ModelStore, sha: str, delegate: str, options: dict[st
     from device_agents.serving.client import Client, ServingError
     from device_agents.targets.edgetpu import TURN_WAIT_S, EdgeTpu, turn
 
-    if socket is None or sha == store.current() or store.delegate_for(sha, delegate, options)[0] != EdgeTpu.key:
+    if sha == store.current() or store.delegate_for(sha, delegate, options)[0] != EdgeTpu.key:
         yield  # no smoke check, or not on the Edge TPU
         return
     pool.warm()
     with turn(store.root, TURN_WAIT_S):  # opened after the forkserver started: its children never hold it
+        if socket is None:  # serving off: nothing to pause, but the agent's own smoke checks and benches take turns
+            yield
+            return
         client = Client(path=socket, timeout=PAUSE_ASK_TIMEOUT_S, shared_memory=False)
         note = None
         try:

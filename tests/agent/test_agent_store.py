@@ -1277,6 +1277,39 @@ def test_the_agents_own_bench_and_activation_take_their_edge_tpu_turn_after_acti
         agent.spool.close()
 
 
+def test_activate_with_serving_off_takes_its_edge_tpu_turn_all_the_same(face, tmp_path, monkeypatch):
+    """With the agent's serving off (serve.enabled: false) there is nothing to pause, and `edgekit-agent activate` took
+    no turn on the Edge TPU either: the running agent's own bench or smoke check on it (commands over MQTT), which take
+    their turn, ran beside its smoke check, and one of their children failed as busy, said to be the model's fault.
+    It takes its turn whatever serving is: it waits for the agent's (TURN_WAIT_S, then one line, the check not run)."""
+    import fcntl
+
+    from device_agents.__main__ import _serving_paused
+    from device_agents.errors import AcceleratorBusy
+
+    store = ModelStore(tmp_path / "root")
+    sha = store.install(face, variant="edgetpu", model="blazeface").sha256
+    monkeypatch.setattr("device_agents.targets.edgetpu.TURN_WAIT_S", 0.3)
+    checked = []
+
+    class Pool:
+        def warm(self):
+            pass
+
+    fd = os.open(store.root / "edgetpu.lock", os.O_RDONLY | os.O_CREAT)  # the running agent's bench holds the turn
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(AcceleratorBusy, match=f"^another process holds the Edge TPU .*{store.root}/edgetpu.lock "
+                                                  "taken for 0.3 s"), _serving_paused(store, sha, "edgetpu", None,
+                                                                                       None, Pool()):
+            checked.append("during the agent's turn")
+    finally:
+        os.close(fd)
+    with _serving_paused(store, sha, "edgetpu", None, None, Pool()):
+        checked.append("in its own turn")
+    assert checked == ["in its own turn"]
+
+
 def test_activate_says_why_the_running_agent_did_not_pause_its_serving(face, tmp_path, monkeypatch):
     """`edgekit-agent activate` asks the agent serving at the root's socket to pause for the smoke check of an edgetpu
     model. No agent running: nothing to pause, not a word of it. An agent older than the pause (it answers unknown
