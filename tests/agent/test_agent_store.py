@@ -1310,6 +1310,66 @@ def test_activate_with_serving_off_takes_its_edge_tpu_turn_all_the_same(face, tm
     assert checked == ["in its own turn"]
 
 
+def test_a_bench_by_hand_on_the_edge_tpu_takes_its_turn_and_pauses_the_agents_serving(face, monkeypatch,
+                                                                                         offline_config, capsys, wait):
+    """`edgekit-agent bench --delegate edgetpu` on a device whose agent serves an edgetpu model opened the USB Coral
+    taking no turn and pausing nothing: its check failed as busy, said to be the model's ("cannot load or run the
+    model"), and a bench by hand that held the Coral failed the agent's own checks the same way. It takes its turn at
+    the agent's root (``--root``, the default one here) and pauses the agent's serving for its run now, as
+    `edgekit-agent activate` does: it passes, and serving resumes after it; the turn held elsewhere, it waits for it
+    (TURN_WAIT_S), then says so in one line, nothing run."""
+    import fcntl
+    import json
+
+    from device_agents.__main__ import main
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    ran = []
+
+    class Pool:  # the bench's children, opening the Coral
+        def warm(self):
+            pass
+
+        def __call__(self, model, **kw):
+            coral.open_in_child()
+            ran.append("smoke")
+
+    def bench(pool, model, settings, **kw):
+        coral.open_in_child()
+        ran.append("bench")
+        return {"latency_ms": {"p90": 1.0}, "runs": 3}
+
+    monkeypatch.setattr("device_agents.smoke.SmokePool", Pool)
+    monkeypatch.setattr("device_agents.bench.bench_in_child", bench)
+    monkeypatch.setattr("device_agents.__main__.default_root", lambda: agent.store.root)
+    monkeypatch.setattr("device_agents.targets.edgetpu.TURN_WAIT_S", 0.3)
+    agent.server.start()
+    try:
+        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(sha)
+        agent.follow_current()
+        assert coral.open_here == 1
+        main(["bench", str(face), "--delegate", "edgetpu", "--json"])
+        assert json.loads(capsys.readouterr().out)["runs"] == 3 and ran == ["smoke", "bench"]
+        assert wait(lambda: agent.server.current.paused is None and coral.open_here == 1)  # served again after it
+        fd = os.open(agent.store.root / "edgetpu.lock", os.O_RDONLY)  # the agent's own bench holds the turn
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(SystemExit) as exited:
+                main(["bench", str(face), "--delegate", "edgetpu"])
+        finally:
+            os.close(fd)
+        said = capsys.readouterr().err
+        assert exited.value.code == 2 and ran == ["smoke", "bench"] and said.count("\n") == 1
+        assert said.startswith(f"edgekit-agent: error: another process holds the Edge TPU for a model it checks or "
+                               f"loads ({agent.store.root}/edgetpu.lock taken for 0.3 s")
+    finally:
+        agent.server.close()
+        agent.spool.close()
+
+
 def test_activate_says_why_the_running_agent_did_not_pause_its_serving(face, tmp_path, monkeypatch):
     """`edgekit-agent activate` asks the agent serving at the root's socket to pause for the smoke check of an edgetpu
     model. No agent running: nothing to pause, not a word of it. An agent older than the pause (it answers unknown
