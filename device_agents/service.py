@@ -887,7 +887,7 @@ class Agent:
         except AcceleratorBusy:  # another process checks a model on it: tried again at the next call, once it ended
             if self.server.current is None:
                 self.server.no_model = (f"the agent is loading the active model {sha[:12]} once another process's "
-                                        "check on the Edge TPU ends (edgekit-agent activate); retry in a moment")
+                                        "check on the Edge TPU ends (edgekit-agent activate or bench); retry in a moment")
         except EdgeKitError as exc:
             if sha != self._unservable:
                 log.error("%s", exc)

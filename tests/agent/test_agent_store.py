@@ -1197,7 +1197,7 @@ def test_an_agent_restarted_while_activate_checks_a_model_waits_for_that_check(f
         assert wait(lambda: holding.exists() and holding.read_text(), 120), "activate's child never held the Coral"
         start(env)
         assert wait(told, 120), log.read_text() if log.exists() else ""
-        assert "once another process's check on the Edge TPU ends (edgekit-agent activate)" in told()
+        assert "once another process's check on the Edge TPU ends (edgekit-agent activate or bench)" in told()
         holding.write_text("done")  # the activation's check ends
     assert wait(lambda: serving(sha), 120), log.read_text()
     said = log.read_text()
@@ -1262,7 +1262,7 @@ def test_the_agents_own_bench_and_activation_take_their_edge_tpu_turn_after_acti
                 agent._activate(third)
             assert str(caught.value) == (f"smoke check of model {third[:12]}: another process holds the Edge TPU for "
                                          f"a model it checks or loads ({root}/edgetpu.lock taken for 0.5 s: the "
-                                         "running agent, or edgekit-agent activate); retry once it ends")
+                                         "running agent, or edgekit-agent activate or bench); retry once it ends")
             assert store.current() == first
             bencher.start()
             assert wait(lambda: failed or waits_its_turn(os.getpid(), root), 30)
