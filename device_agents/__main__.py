@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -285,6 +286,7 @@ def _agent_bench(root: Path) -> BenchSettings:
 
 
 PAUSE_ASK_TIMEOUT_S = 30.0  # `activate` waits this long for the running agent to pause its serving of the Edge TPU
+PAUSE_ASK_AGAIN_S = 0.25  # how often it asks again while serving is paused for another process (ending)
 
 
 @contextlib.contextmanager
@@ -324,9 +326,11 @@ def _edge_tpu_taken(root: Path, options: dict[str, Any] | None, socket: Path | N
     asks, it waits its turn (:func:`device_agents.targets.edgetpu.turn`, :data:`TURN_WAIT_S` at most) while the agent,
     restarted by the same deploy, checks and loads its own model on the Edge TPU, which no pause covers (nothing is
     served yet), or checks or benchmarks one (serving off included); the agent waits for this process's turn the same
-    way. Nothing listening at ``socket``: nothing to pause. Yields None, or, when the agent could not be asked (older
-    than pausing, no permission, no answer within :data:`PAUSE_ASK_TIMEOUT_S`; the block runs all the same), one
-    line saying why serving was not paused (``doing``: what to stop it while); raises what the block raises.
+    way. Serving paused for another process (the one whose turn this one waited for, until serving has loaded its
+    model again): asked again, :data:`PAUSE_ASK_TIMEOUT_S` at most. Nothing listening at ``socket``: nothing to pause.
+    Yields None, or, when the agent could not be asked (older than pausing, no permission, no answer within
+    :data:`PAUSE_ASK_TIMEOUT_S`, paused for another process as long; the block runs all the same), one line saying
+    why serving was not paused (``doing``: what to stop it while); raises what the block raises.
 
     Raises:
         AcceleratorBusy: the agent's turn did not end within :data:`TURN_WAIT_S`; the block did not run.
@@ -341,16 +345,23 @@ def _edge_tpu_taken(root: Path, options: dict[str, Any] | None, socket: Path | N
             yield None
             return
         client = Client(path=socket, timeout=PAUSE_ASK_TIMEOUT_S, shared_memory=False)
-        note = None
-        try:
-            client.pause(EdgeTpu.key, options, why)
-        except ServingError as exc:
-            if not isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError)):  # else: no agent running
-                who = running_agent(socket)
-                note = (f"the agent running at {socket}{who} is older than pausing its serving for another process: "
-                        f"deploy this version to it (edgekit deploy), or stop it while {doing}"
-                        if str(exc).startswith("unknown op 'pause'") else
-                        f"the agent running at {socket}{who} did not pause its serving of the Edge TPU: {exc}")
+        note, deadline = None, time.monotonic() + PAUSE_ASK_TIMEOUT_S
+        while True:
+            try:
+                client.pause(EdgeTpu.key, options, why)
+            except ServingError as exc:
+                # the process whose turn this one waited for: its pause ends once serving has loaded again
+                if str(exc).startswith("pause: serving is paused already") and time.monotonic() < deadline:
+                    client.close()  # the agent closed that connection: asked again on a new one
+                    time.sleep(PAUSE_ASK_AGAIN_S)
+                    continue
+                if not isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError)):  # else: no agent running
+                    who = running_agent(socket)
+                    note = (f"the agent running at {socket}{who} is older than pausing its serving for another "
+                            f"process: deploy this version to it (edgekit deploy), or stop it while {doing}"
+                            if str(exc).startswith("unknown op 'pause'") else
+                            f"the agent running at {socket}{who} did not pause its serving of the Edge TPU: {exc}")
+            break
         try:
             yield note
         finally:

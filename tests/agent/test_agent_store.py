@@ -853,6 +853,57 @@ def test_the_agents_own_check_whose_turn_comes_as_activate_ends_waits_for_servin
         agent.spool.close()
 
 
+def test_an_activate_whose_turn_comes_as_another_ends_waits_for_serving_to_load_again(face, tmp_path, monkeypatch,
+                                                                                        offline_config, wait):
+    """Two `edgekit-agent activate` (or bench) by hand, one waiting for the other's Edge TPU turn: the second took it
+    as the first ended, and asked the agent to pause while serving was still loading its model again after the first
+    pause (seconds on a Coral). It was answered "serving is paused already", so its child ran beside that load, no
+    pause held: on a real Coral one of them failed as busy. It asks again until serving has loaded again (within
+    PAUSE_ASK_TIMEOUT_S), then holds its own pause for its whole check."""
+    import threading
+    import time
+
+    from device_agents.__main__ import _serving_paused
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    agent.server.start()
+    checked, during = threading.Event(), []
+
+    class Pool:
+        def warm(self):
+            pass
+
+    def first_activate():  # another thread: another open of the turn's file, as another process's
+        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Pool()):
+            checked.wait(30)
+
+    try:
+        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(sha)
+        agent.follow_current()
+        other = _second_edgetpu(agent.store, face, tmp_path)
+        served = agent.server.current
+        make = served._make
+        served._make = lambda path: time.sleep(1) or make(path)  # a Coral takes its time to load a model again
+        first = threading.Thread(target=first_activate)
+        first.start()
+        assert wait(lambda: served.paused is not None), "the first activate never paused serving"
+        threading.Timer(0.5, checked.set).start()
+        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Pool()):  # waits for its turn
+            for _ in range(15):  # its check's child holds the Coral: nothing else opens it meanwhile
+                during.append((served.paused and served.paused[1], coral.open_here))
+                time.sleep(0.1)
+        first.join(30)
+        assert all(open_here == 0 and why and why.startswith("the smoke check") for why, open_here in during), during
+        assert wait(lambda: served.paused is None and coral.open_here == 1)  # served again after it
+    finally:
+        checked.set()
+        agent.server.close()
+        agent.spool.close()
+
+
 def test_an_agent_whose_edge_tpu_turn_file_does_not_open_says_so_once_and_serves_once_it_does(face, monkeypatch,
                                                                                              offline_config, caplog):
     """The running agent's check and load of its current model on an Edge TPU take ``<root>/edgetpu.lock``: one that
