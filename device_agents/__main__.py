@@ -498,7 +498,8 @@ def _bench(args: argparse.Namespace) -> None:
         except EdgeKitError:  # an agent.yaml that does not load: no agent runs with it, the default socket asked
             socket = _serving_socket(root, None)
         taken = _edge_tpu_taken(root, settings.delegate_options, socket, pool, f"the bench of {args.model.name} by "
-                                "edgekit-agent bench opens the Edge TPU it holds (one process at a time)", "benchmarking")
+                                "edgekit-agent bench opens the Edge TPU it holds (one process at a time)",
+                                "benchmarking")
     with taken as note:
         try:  # loaded in a child first: a file that crashes the interpreter crashes the child, not this command
             if not is_tensorrt(args.model):  # a TensorRT variant's engine was built, so loaded, in a child at install
@@ -512,7 +513,7 @@ def _bench(args: argparse.Namespace) -> None:
             record = bench_in_child(pool, args.model, settings, eval_file=args.eval,
                                     meter_args={"idle_w": args.idle_w, "busy_w": args.busy_w},
                                     named=lambda key: "--" + key.replace("_", "-"))
-        except BenchFailed as exc:  # the child's traceback, if it raised, on request: the agent's log has it as a service
+        except BenchFailed as exc:  # the child's traceback, if it raised, on request (a service: in the agent's log)
             if exc.detail and args.verbose:
                 sys.stderr.write(exc.detail.rstrip() + "\n")
             hint = "; --verbose prints the child's traceback" if exc.detail and not args.verbose else ""

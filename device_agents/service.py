@@ -856,9 +856,9 @@ class Agent:
         agent's start: its check in a child takes seconds), or the active one not servable. A served model whose
         interpreters a pause left unloaded (:meth:`Server.paused`: the Edge TPU unplugged meanwhile) is loaded again,
         at each call (the service loop's, every second) until it loads. On an Edge TPU, the check and load (and that
-        load again) take their turn (:func:`~device_agents.targets.edgetpu.turn`): while another process checks a model on it (`edgekit-agent
-        activate`), nothing is loaded and nothing logged until a later call. Returns nothing; never raises what a load
-        raises."""
+        load again) take their turn (:func:`~device_agents.targets.edgetpu.turn`): while another process checks a model
+        on it (`edgekit-agent activate`), nothing is loaded and nothing logged until a later call. Returns nothing;
+        never raises what a load raises."""
         sha = self.store.current()
         if self.server is None:
             return
@@ -887,7 +887,8 @@ class Agent:
         except AcceleratorBusy:  # another process checks a model on it: tried again at the next call, once it ended
             if self.server.current is None:
                 self.server.no_model = (f"the agent is loading the active model {sha[:12]} once another process's "
-                                        "check on the Edge TPU ends (edgekit-agent activate or bench); retry in a moment")
+                                        "check on the Edge TPU ends (edgekit-agent activate or bench); retry in a "
+                                        "moment")
         except EdgeKitError as exc:
             if sha != self._unservable:
                 log.error("%s", exc)
