@@ -196,8 +196,7 @@ class Agent:
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
         for target in TARGETS.values():  # an accelerator's own variant (edgetpu) needs its delegate here, loadable
             if target.compiled_variant:
-                runtimes[target.key] = accelerator_missing(target.compiled_variant, self.cfg.bench.delegate,
-                                                           self.cfg.bench.delegate_options) or "available"
+                runtimes[target.key] = self._accelerator_missing(target.compiled_variant) or "available"
         current = self._model_ref(self.store.current())
         if short:
             runtimes = {k: "available" if v == "available" else "unavailable" for k, v in runtimes.items()}
@@ -207,6 +206,21 @@ class Agent:
             "current": current, "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
             "started": self.started, "disk": self.disk.usage(), "connection": self._connection}))
+
+    def _accelerator_missing(self, variant: str) -> str | None:
+        """Return :func:`~device_agents.targets.accelerator_missing` of ``variant`` with the agent's delegate and
+        options. Its probe may open the Edge TPU: in the agent's turn (:func:`~device_agents.targets.edgetpu.turn`),
+        never while another process's check or bench holds it (that process's child could find it busy), which
+        attaches it (None), as a busy one is taken. Never raises what the turn raises (a file that does not open: asked
+        without it, as before turns)."""
+        b = self.cfg.bench
+        try:
+            with turn(self.store.root) if b.delegate == EdgeTpu.key else contextlib.nullcontext():
+                return accelerator_missing(variant, b.delegate, b.delegate_options)
+        except AcceleratorBusy:
+            return None
+        except DeviceError:
+            return accelerator_missing(variant, b.delegate, b.delegate_options)
 
     def _status_payload(self, state: str) -> bytes:
         """Return the payload of the status ``state`` (the retained status and the last will), within the protocol's

@@ -346,6 +346,37 @@ def test_the_agents_status_says_whether_it_can_run_the_edgetpu_variant(tmp_path,
         assert said == "available" if expected is None else expected in said, said
 
 
+def test_the_agents_status_opens_no_edge_tpu_during_another_processs_turn(tmp_path, monkeypatch, offline_config):
+    """The agent's status (at each connection, after a switch) asks whether the Edge TPU is attached by opening it,
+    when nothing of the agent holds it (serving off, a CPU variant served, serving paused) and it has not opened for
+    30 s: opened while `edgekit-agent activate`'s check took its turn, that check's child could find the USB Coral busy
+    and fail as the model's fault. The status opens it in the agent's own turn now: during another process's turn it
+    is taken as attached (that process's own run says what fails), not opened; after it, opened as before."""
+    import fcntl
+
+    from device_agents.service import Agent
+    from device_agents.targets.edgetpu import EdgeTpu
+
+    opened = []
+    monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # libedgetpu loads
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library, options: opened.append(1))
+    agent = Agent(offline_config("bench: {delegate: edgetpu}\n", serve="{enabled: false}"))
+    try:
+        agent.store.root.mkdir(parents=True, exist_ok=True)
+        EdgeTpu.forget()  # not opened within PROBE_TTL_S (its last status, the will made with the agent, opened it)
+        opened.clear()
+        fd = os.open(agent.store.root / "edgetpu.lock", os.O_RDONLY | os.O_CREAT)  # activate's turn, its check
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert agent._status("online")["runtimes"]["edgetpu"] == "available" and opened == []
+        finally:
+            os.close(fd)
+        assert agent._status("online")["runtimes"]["edgetpu"] == "available" and opened == [1]
+    finally:
+        EdgeTpu.forget()
+        agent.spool.close()
+
+
 @pytest.fixture(scope="module")
 def face(wheels, tmp_path_factory):
     """BlazeFace short range (a real LiteRT model), from its wheel."""
