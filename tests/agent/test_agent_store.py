@@ -797,6 +797,7 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
         assert time.monotonic() - t0 >= 0.5  # after waiting for that pause as for a turn (ACTIVATE_TURN_WAIT_S)
         monkeypatch.setattr("device_agents.service.ACTIVATE_TURN_WAIT_S", 60)
         agent._stop.set()  # the agent stopping: waits no longer
+        t0 = time.monotonic()
         with pytest.raises(DeviceError, match=r"^pause: serving is paused already \(the first smoke check"):
             agent._activate(other_sha)
         assert time.monotonic() - t0 < 5
@@ -843,12 +844,8 @@ def test_the_agents_own_check_whose_turn_comes_as_activate_ends_waits_for_servin
     agent.server.start()
     checked, done = threading.Event(), []
 
-    class Pool:  # activate's smoke pool: its forkserver started
-        def warm(self):
-            pass
-
     def activate():  # in another thread: another open of the turn's file, as another process's
-        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Pool()):
+        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Warmed()):
             checked.wait(30)  # its check's child holds the Coral
 
     def own():
@@ -902,12 +899,8 @@ def test_an_activate_whose_turn_comes_as_another_ends_waits_for_serving_to_load_
     agent.server.start()
     checked, during = threading.Event(), []
 
-    class Pool:
-        def warm(self):
-            pass
-
     def first_activate():  # another thread: another open of the turn's file, as another process's
-        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Pool()):
+        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Warmed()):
             checked.wait(30)
 
     try:
@@ -922,7 +915,7 @@ def test_an_activate_whose_turn_comes_as_another_ends_waits_for_serving_to_load_
         first.start()
         assert wait(lambda: served.paused is not None), "the first activate never paused serving"
         threading.Timer(0.5, checked.set).start()
-        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Pool()):  # waits for its turn
+        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Warmed()):  # waits for its turn
             for _ in range(15):  # its check's child holds the Coral: nothing else opens it meanwhile
                 during.append((served.paused and served.paused[1], coral.open_here))
                 time.sleep(0.1)
@@ -1222,6 +1215,13 @@ def test_activate_right_after_the_agent_restarted_waits_for_its_start_up_check(f
     assert " ERROR " not in said
 
 
+class Warmed:
+    """A smoke pool for `edgekit-agent activate`'s pause (``_serving_paused``) whose forkserver started already."""
+
+    def warm(self):
+        pass
+
+
 def _second_edgetpu(store: ModelStore, face, tmp_path) -> str:
     """Install another edgetpu model (BlazeFace with a byte more: another sha256) in ``store``; return its sha256."""
     second = tmp_path / "second.tflite"
@@ -1374,20 +1374,16 @@ def test_activate_with_serving_off_takes_its_edge_tpu_turn_all_the_same(face, tm
     monkeypatch.setattr("device_agents.targets.edgetpu.TURN_WAIT_S", 0.3)
     checked = []
 
-    class Pool:
-        def warm(self):
-            pass
-
     fd = os.open(store.root / "edgetpu.lock", os.O_RDONLY | os.O_CREAT)  # the running agent's bench holds the turn
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(AcceleratorBusy, match=f"^another process holds the Edge TPU .*{store.root}/edgetpu.lock "
                                                   "taken for 0.3 s"), _serving_paused(store, sha, "edgetpu", None,
-                                                                                       None, Pool()):
+                                                                                       None, Warmed()):
             checked.append("during the agent's turn")
     finally:
         os.close(fd)
-    with _serving_paused(store, sha, "edgetpu", None, None, Pool()):
+    with _serving_paused(store, sha, "edgetpu", None, None, Warmed()):
         checked.append("in its own turn")
     assert checked == ["in its own turn"]
 
