@@ -209,10 +209,10 @@ class Agent:
 
     def _accelerator_missing(self, variant: str) -> str | None:
         """Return :func:`~device_agents.targets.accelerator_missing` of ``variant`` with the agent's delegate and
-        options. Its probe may open the Edge TPU: in the agent's turn (:func:`~device_agents.targets.edgetpu.turn`),
-        never while another process's check or bench holds it (that process's child could find it busy), which
-        attaches it (None), as a busy one is taken. Never raises what the turn raises (a file that does not open: asked
-        without it, as before turns)."""
+        options. Its probe may open the Edge TPU, so it runs in the agent's turn on it
+        (:func:`~device_agents.targets.edgetpu.turn`): while another process's check or bench holds that turn (its
+        child could find the Edge TPU busy), the Edge TPU is taken as attached (None), as a busy one is. A turn file
+        that does not open: asked without the turn. Never raises what the turn raises."""
         b = self.cfg.bench
         try:
             with turn(self.store.root) if b.delegate == EdgeTpu.key else contextlib.nullcontext():
