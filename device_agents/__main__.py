@@ -1,6 +1,6 @@
 """`edgekit-agent`: the on-device command. Needs only numpy, PyYAML, paho-mqtt and a LiteRT interpreter.
 
-    edgekit-agent bench model.tflite|model.onnx [--eval eval.npz] [--threads N] [--delegate edgetpu] [--json]
+    edgekit-agent bench model.tflite|model.onnx [--eval eval.npz] [--threads N] [--delegate edgetpu] [--root R] [--json]
     edgekit-agent run --config agent.yaml           # the service: MQTT, commands, telemetry
     edgekit-agent install model.tflite --variant ID --model-name NAME [--sha256 S] [--eval eval.npz] [--root R]
     edgekit-agent activate (--sha256 S | --variant ID) [--root R]   # with R/agent.yaml's runtime, delegate, threads
@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="end it when the whole benchmark takes longer")
     b.add_argument("--idle-w", type=float, help="device idle watts, for an estimate when no power sensor answers")
     b.add_argument("--busy-w", type=float, help="device busy watts (all cores), for the estimate")
+    b.add_argument("--root", type=Path, default=None,
+                   help=f"with --delegate edgetpu: the agent root whose Edge TPU turn it takes and whose running agent "
+                        f"pauses its serving (default {default_root()}; none there: neither)")
     b.add_argument("--json", action="store_true", help="print the record as JSON")
     b.add_argument("--verbose", action="store_true",
                    help="on a Python exception in the benchmark's child, print its traceback after the one-line error")
@@ -282,22 +286,51 @@ def _agent_bench(root: Path) -> BenchSettings:
 
 
 PAUSE_ASK_TIMEOUT_S = 30.0  # `activate` waits this long for the running agent to pause its serving of the Edge TPU
+PAUSE_ASK_AGAIN_S = 0.25  # how often it asks again while serving is paused for another process (ending)
 
 
 @contextlib.contextmanager
 def _serving_paused(store: ModelStore, sha: str, delegate: str, options: dict[str, Any] | None,
                     socket: Path | None, pool: Any) -> Iterator[None]:
     """Run the ``with`` block (the activation of installed model ``sha``: its smoke check, a child of ``pool``, opens
-    it with ``delegate`` and ``options``) with the running agent's serving paused when that child opens the Edge TPU
-    (a USB Coral opens for one process at a time): the agent serving at ``socket`` (None: serving is off) closes its
-    interpreters that hold it until this process closes the connection, at the block's end or its own (killed
-    included: :meth:`device_agents.serving.Client.pause`). ``pool``'s forkserver starts first, not during the pause.
-    Before it asks, it waits its turn (:func:`device_agents.targets.edgetpu.turn`, :data:`TURN_WAIT_S` at most) while
-    the agent, restarted by the same deploy, checks and loads its own model on the Edge TPU, which no pause covers
-    (nothing is served yet); the agent waits for this process's turn the same way. Nothing listening at ``socket``:
-    nothing to pause. An agent that cannot be asked (older than pausing, no permission, no answer within
-    :data:`PAUSE_ASK_TIMEOUT_S`): the block runs all the same, and a StoreError it raises (a smoke check failed as busy)
-    says why serving was not paused. Yields nothing; raises what the block raises.
+    it with ``delegate`` and ``options``) in this process's turn on the Edge TPU with the running agent's serving
+    paused (:func:`_edge_tpu_taken`) when that child opens the Edge TPU. A StoreError the block raises (a smoke check
+    failed as busy) says why serving was not paused, when it was not. Yields nothing; raises what the block raises.
+
+    Raises:
+        AcceleratorBusy, DeviceError: as :func:`_edge_tpu_taken`; the block did not run.
+    """
+    from device_agents.targets.edgetpu import EdgeTpu
+
+    if sha == store.current() or store.delegate_for(sha, delegate, options)[0] != EdgeTpu.key:
+        yield  # no smoke check, or not on the Edge TPU
+        return
+    with _edge_tpu_taken(store.root, options, socket, pool, f"the smoke check of model {sha[:12]} by edgekit-agent "
+                         "activate opens the Edge TPU it holds (one process at a time)", "activating") as note:
+        try:
+            yield
+        except StoreError as exc:
+            if note is not None:
+                exc.args = (f"{exc}; {note}",)
+            raise
+
+
+@contextlib.contextmanager
+def _edge_tpu_taken(root: Path, options: dict[str, Any] | None, socket: Path | None, pool: Any, why: str,
+                    doing: str) -> Iterator[str | None]:
+    """Run the ``with`` block, where a child of ``pool`` opens the Edge TPU ``options`` names, in this process's turn
+    on it at the agent's ``root`` with the running agent's serving paused (a USB Coral opens for one process at a
+    time): the agent serving at ``socket`` (None: serving is off) closes its interpreters that hold it, its requests
+    told ``why``, until this process closes the connection, at the block's end or its own (killed included:
+    :meth:`device_agents.serving.Client.pause`). ``pool``'s forkserver starts first, not during the pause. Before it
+    asks, it waits its turn (:func:`device_agents.targets.edgetpu.turn`, :data:`TURN_WAIT_S` at most) while the agent,
+    restarted by the same deploy, checks and loads its own model on the Edge TPU, which no pause covers (nothing is
+    served yet), or checks or benchmarks one (serving off included); the agent waits for this process's turn the same
+    way. Serving paused for another process (the one whose turn this one waited for, until serving has loaded its
+    model again): asked again, :data:`PAUSE_ASK_TIMEOUT_S` at most. Nothing listening at ``socket``: nothing to pause.
+    Yields None, or, when the agent could not be asked (older than pausing, no permission, no answer within
+    :data:`PAUSE_ASK_TIMEOUT_S`, paused for another process as long; the block runs all the same), one line saying
+    why serving was not paused (``doing``: what to stop it while); raises what the block raises.
 
     Raises:
         AcceleratorBusy: the agent's turn did not end within :data:`TURN_WAIT_S`; the block did not run.
@@ -306,29 +339,31 @@ def _serving_paused(store: ModelStore, sha: str, delegate: str, options: dict[st
     from device_agents.serving.client import Client, ServingError
     from device_agents.targets.edgetpu import TURN_WAIT_S, EdgeTpu, turn
 
-    if socket is None or sha == store.current() or store.delegate_for(sha, delegate, options)[0] != EdgeTpu.key:
-        yield  # no smoke check, or not on the Edge TPU
-        return
     pool.warm()
-    with turn(store.root, TURN_WAIT_S):  # opened after the forkserver started: its children never hold it
+    with turn(root, TURN_WAIT_S):  # opened after the forkserver started: its children never hold it
+        if socket is None:  # serving off: nothing to pause, but the agent's own smoke checks and benches take turns
+            yield None
+            return
         client = Client(path=socket, timeout=PAUSE_ASK_TIMEOUT_S, shared_memory=False)
-        note = None
+        note, deadline = None, time.monotonic() + PAUSE_ASK_TIMEOUT_S
+        while True:
+            try:
+                client.pause(EdgeTpu.key, options, why)
+            except ServingError as exc:
+                # the process whose turn this one waited for: its pause ends once serving has loaded again
+                if str(exc).startswith("pause: serving is paused already") and time.monotonic() < deadline:
+                    client.close()  # the agent closed that connection: asked again on a new one
+                    time.sleep(PAUSE_ASK_AGAIN_S)
+                    continue
+                if not isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError)):  # else: no agent running
+                    who = running_agent(socket)
+                    note = (f"the agent running at {socket}{who} is older than pausing its serving for another "
+                            f"process: deploy this version to it (edgekit deploy), or stop it while {doing}"
+                            if str(exc).startswith("unknown op 'pause'") else
+                            f"the agent running at {socket}{who} did not pause its serving of the Edge TPU: {exc}")
+            break
         try:
-            client.pause(EdgeTpu.key, options, f"the smoke check of model {sha[:12]} by edgekit-agent activate opens "
-                                               "the Edge TPU it holds (one process at a time)")
-        except ServingError as exc:
-            if not isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError)):  # else: no agent running
-                who = running_agent(socket)
-                note = (f"the agent running at {socket}{who} is older than pausing its serving for another process: "
-                        "deploy this version to it (edgekit deploy), or stop it while activating"
-                        if str(exc).startswith("unknown op 'pause'") else
-                        f"the agent running at {socket}{who} did not pause its serving of the Edge TPU: {exc}")
-        try:
-            yield
-        except StoreError as exc:
-            if note is not None:
-                exc.args = (f"{exc}; {note}",)
-            raise
+            yield note
         finally:
             client.close()  # serving resumes
 
@@ -452,24 +487,37 @@ def _bench(args: argparse.Namespace) -> None:
     from device_agents.errors import BenchFailed, SmokeFailed
     from device_agents.runtimes import is_tensorrt
     from device_agents.smoke import SmokePool
+    from device_agents.targets.edgetpu import EdgeTpu
 
     pool = SmokePool()
-    try:  # loaded in a child first: a file that crashes the interpreter crashes the child, not this command
-        if not is_tensorrt(args.model):  # a TensorRT variant's engine was built, so loaded, in a child at install
-            pool(args.model, runtime=args.runtime, delegate=args.delegate, options=settings.delegate_options)
-    except SmokeFailed as exc:
-        raise UsageError(f"{args.model}: cannot load or run the model ({exc})") from None
-    except OSError as exc:
-        raise UsageError(f"{args.model}: cannot read it ({exc.strerror or exc})") from None
-    try:  # the benchmark too: a model that loops or crashes on the eval samples is ended, named, exit 2
-        record = bench_in_child(pool, args.model, settings, eval_file=args.eval,
-                                meter_args={"idle_w": args.idle_w, "busy_w": args.busy_w},
-                                named=lambda key: "--" + key.replace("_", "-"))
-    except BenchFailed as exc:  # the child's traceback, if it raised, on request: the agent's log has it as a service
-        if exc.detail and args.verbose:
-            sys.stderr.write(exc.detail.rstrip() + "\n")
-        hint = "; --verbose prints the child's traceback" if exc.detail and not args.verbose else ""
-        raise BenchFailed(f"{args.model}: {exc}{hint}") from None
+    root = args.root or default_root()
+    taken: Any = contextlib.nullcontext()
+    if args.delegate == EdgeTpu.key and (root / "models").is_dir():  # an agent's: its own checks take turns there too
+        try:
+            socket = _serving_socket(root, _agent_config(root))
+        except EdgeKitError:  # an agent.yaml that does not load: no agent runs with it, the default socket asked
+            socket = _serving_socket(root, None)
+        taken = _edge_tpu_taken(root, settings.delegate_options, socket, pool, f"the bench of {args.model.name} by "
+                                "edgekit-agent bench opens the Edge TPU it holds (one process at a time)",
+                                "benchmarking")
+    with taken as note:
+        try:  # loaded in a child first: a file that crashes the interpreter crashes the child, not this command
+            if not is_tensorrt(args.model):  # a TensorRT variant's engine was built, so loaded, in a child at install
+                pool(args.model, runtime=args.runtime, delegate=args.delegate, options=settings.delegate_options)
+        except SmokeFailed as exc:
+            raise UsageError(f"{args.model}: cannot load or run the model ({exc}){f'; {note}' if note else ''}") \
+                from None
+        except OSError as exc:
+            raise UsageError(f"{args.model}: cannot read it ({exc.strerror or exc})") from None
+        try:  # the benchmark too: a model that loops or crashes on the eval samples is ended, named, exit 2
+            record = bench_in_child(pool, args.model, settings, eval_file=args.eval,
+                                    meter_args={"idle_w": args.idle_w, "busy_w": args.busy_w},
+                                    named=lambda key: "--" + key.replace("_", "-"))
+        except BenchFailed as exc:  # the child's traceback, if it raised, on request (a service: in the agent's log)
+            if exc.detail and args.verbose:
+                sys.stderr.write(exc.detail.rstrip() + "\n")
+            hint = "; --verbose prints the child's traceback" if exc.detail and not args.verbose else ""
+            raise BenchFailed(f"{args.model}: {exc}{hint}") from None
     if args.json:
         print(json.dumps({"model": str(args.model), **record}, indent=2))
     else:

@@ -196,8 +196,7 @@ class Agent:
         runtimes = {k: (cls.unavailable_reason() or "available") for k, cls in RUNTIMES.items()}
         for target in TARGETS.values():  # an accelerator's own variant (edgetpu) needs its delegate here, loadable
             if target.compiled_variant:
-                runtimes[target.key] = accelerator_missing(target.compiled_variant, self.cfg.bench.delegate,
-                                                           self.cfg.bench.delegate_options) or "available"
+                runtimes[target.key] = self._accelerator_missing(target.compiled_variant) or "available"
         current = self._model_ref(self.store.current())
         if short:
             runtimes = {k: "available" if v == "available" else "unavailable" for k, v in runtimes.items()}
@@ -207,6 +206,21 @@ class Agent:
             "current": current, "runtimes": runtimes,
             "power_source": self.power_source, "simulated": self.cfg.simulated, "pid": os.getpid(),
             "started": self.started, "disk": self.disk.usage(), "connection": self._connection}))
+
+    def _accelerator_missing(self, variant: str) -> str | None:
+        """Return :func:`~device_agents.targets.accelerator_missing` of ``variant`` with the agent's delegate and
+        options. Its probe may open the Edge TPU, so it runs in the agent's turn on it
+        (:func:`~device_agents.targets.edgetpu.turn`): while another process's check or bench holds that turn (its
+        child could find the Edge TPU busy), the Edge TPU is taken as attached (None), as a busy one is. A turn file
+        that does not open: asked without the turn. Never raises what the turn raises."""
+        b = self.cfg.bench
+        try:
+            with turn(self.store.root) if b.delegate == EdgeTpu.key else contextlib.nullcontext():
+                return accelerator_missing(variant, b.delegate, b.delegate_options)
+        except AcceleratorBusy:
+            return None
+        except DeviceError:
+            return accelerator_missing(variant, b.delegate, b.delegate_options)
 
     def _status_payload(self, state: str) -> bytes:
         """Return the payload of the status ``state`` (the retained status and the last will), within the protocol's
@@ -664,27 +678,29 @@ class Agent:
         Requests wait meanwhile, 20 s at most (``PAUSE_WAIT_S``, then told it is paused). On the Edge TPU it takes its
         turn first (:func:`~device_agents.targets.edgetpu.turn`, ``wait_s`` at most, less once the agent is stopping;
         serving not paused meanwhile), as
-        `edgekit-agent activate` does: neither child finds it busy. ``settings`` None: no child runs. Yields nothing;
-        raises what the block raises.
+        `edgekit-agent activate` does: neither child finds it busy; within the same ``wait_s``, it then waits for that
+        process's pause of serving to end (serving loads its model again after that turn). ``settings`` None: no child
+        runs. Yields nothing; raises what the block raises.
 
         Raises:
             AcceleratorBusy: another process's turn (`edgekit-agent activate`) did not end within ``wait_s`` (``what``
-                named), or serving is paused already for another process's child, which holds that Edge TPU.
+                named), or serving is still paused for another process's child then, which holds that Edge TPU.
             DeviceError: the turn's file does not open (named).
         """
         if settings is None:
             yield
             return
+        deadline = time.monotonic() + wait_s
         with contextlib.ExitStack() as held:
             if settings.delegate == EdgeTpu.key:
                 try:
                     held.enter_context(turn(self.store.root, wait_s, cancel=self._stop))
                 except AcceleratorBusy as exc:
                     raise AcceleratorBusy(f"{what}: {exc}") from None
-            if self.server is not None:
+            if self.server is not None:  # the pause of the process whose turn it waited for ends after that turn
                 held.enter_context(self.server.paused_for(settings.delegate, settings.delegate_options,
                                                           f"the {what} opens the Edge TPU it holds (one process at a "
-                                                          "time)"))
+                                                          "time)", deadline - time.monotonic(), self._stop))
             yield
 
     def _settings_for(self, sha: str, settings: Any) -> Any:
@@ -853,17 +869,16 @@ class Agent:
         While nothing is served, requests are told why: no model active, the active one loading (at the
         agent's start: its check in a child takes seconds), or the active one not servable. A served model whose
         interpreters a pause left unloaded (:meth:`Server.paused`: the Edge TPU unplugged meanwhile) is loaded again,
-        at each call (the service loop's, every second) until it loads. On an Edge TPU, the check and load take their
-        turn (:func:`~device_agents.targets.edgetpu.turn`): while another process checks a model on it (`edgekit-agent
-        activate`), nothing is loaded and nothing logged until a later call. Returns nothing; never raises what a load
-        raises."""
+        at each call (the service loop's, every second) until it loads. On an Edge TPU, the check and load (and that
+        load again) take their turn (:func:`~device_agents.targets.edgetpu.turn`): while another process checks a model
+        on it (`edgekit-agent activate`), nothing is loaded and nothing logged until a later call. Returns nothing;
+        never raises what a load raises."""
         sha = self.store.current()
         if self.server is None:
             return
         served = self.server.current
-        if served and served.sha256 == sha:
-            if served.broken is not None:  # a pause left it unloaded (an Edge TPU unplugged): tried again
-                self.server.serve_model(served.path, sha, served.variant)
+        again = served is not None and served.sha256 == sha  # a pause left it unloaded (an Edge TPU unplugged)
+        if again and served.broken is None:
             return
         if sha is None:
             if self.server.current is None:
@@ -872,17 +887,22 @@ class Agent:
         if self.server.current is None:
             self.server.no_model = (f"the agent is loading the active model {sha[:12]} (checked in a child "
                                     "first); retry in a moment")
-        # its check opens the Edge TPU, as `edgekit-agent activate`'s (a deploy without a broker, right after a restart)
+        # its check and load open the Edge TPU, as `edgekit-agent activate`'s (a deploy without a broker, right after a
+        # restart), and so does loading again a model a pause left unloaded
         on_tpu = self.cfg.bench.delegate == EdgeTpu.key
         try:
             with turn(self.store.root) if on_tpu else contextlib.nullcontext():
+                if again:
+                    self.server.serve_model(served.path, sha, served.variant)
+                    return
                 path = self.store.verify(sha)
                 self._loads_in_child(path, sha, self.cfg.bench)  # switched over SSH, or checked before a restart
                 self.server.serve_model(path, sha, (self.store.describe(sha) or {}).get("variant"))
         except AcceleratorBusy:  # another process checks a model on it: tried again at the next call, once it ended
             if self.server.current is None:
                 self.server.no_model = (f"the agent is loading the active model {sha[:12]} once another process's "
-                                        "check on the Edge TPU ends (edgekit-agent activate); retry in a moment")
+                                        "check on the Edge TPU ends (edgekit-agent activate or bench); retry in a "
+                                        "moment")
         except EdgeKitError as exc:
             if sha != self._unservable:
                 log.error("%s", exc)

@@ -480,20 +480,28 @@ class Server:
             log.info("serving %s %s resumed after %.1f s", served.variant, served.sha256[:12], time.monotonic() - t0)
 
     @contextlib.contextmanager
-    def paused_for(self, delegate: str | None, options: dict[str, Any] | None,
-                   why: str) -> Iterator[dict[str, Any] | None]:
+    def paused_for(self, delegate: str | None, options: dict[str, Any] | None, why: str, wait_s: float = 0.0,
+                   cancel: threading.Event | None = None) -> Iterator[dict[str, Any] | None]:
         """Run the ``with`` block, where a child process opens a model with ``delegate`` and its ``options``, paused
         (:meth:`paused`) when the served model's interpreters hold that accelerator and it opens for one process at a
         time: an Edge TPU (:meth:`EdgeTpu.held`; a USB Coral would fail the child as busy). Yields the paused model
         (``{"sha256", "variant"}``) or None (nothing held: just the block); raises what the block raises.
 
-        Paused already by this thread (the agent's bench, then its smoke check): just the block.
+        Paused already by this thread (the agent's bench, then its smoke check): just the block. Paused by another
+        thread: waits ``wait_s`` at most for that pause to end, less once ``cancel`` is set (the agent is stopping):
+        another process's pause ends once serving has loaded its model again, seconds after that process's Edge TPU
+        turn, which the agent's own bench or activation waited for.
 
         Raises:
             AcceleratorBusy: serving is paused already by another thread for another child (another process's pause,
-                :meth:`_hold_pause`, until it has seen that process let go), which holds the Edge TPU: this one would
-                fail as busy; the block does not run.
+                :meth:`_hold_pause`, until it has seen that process let go and loaded its model again), which holds the
+                Edge TPU: this one would fail as busy; the block does not run.
         """
+        deadline = time.monotonic() + wait_s
+        while ((served := self.current) is not None and delegate == EdgeTpu.key and served.paused is not None
+               and served.pauser != threading.get_ident() and time.monotonic() < deadline
+               and not (cancel is not None and cancel.is_set())):
+            served.resumed.wait(PAUSE_POLL_S)
         served = self.current
         held = served.paused if served is not None and delegate == EdgeTpu.key else None
         if held is not None and served.pauser != threading.get_ident():  # EdgeTpu.held() is False, the other holds it

@@ -240,12 +240,13 @@ _turns = threading.local()  # per thread: the roots whose turn it holds (``held`
 def turn(root: Path, wait_s: float = 0.0, cancel: threading.Event | None = None) -> Iterator[None]:
     """Run the ``with`` block, where this process opens the Edge TPU for a model that no serving interpreter holds yet,
     holding ``<root>/``:data:`TURN` (an exclusive flock): the running agent's check and load of its current model (at
-    its start, or after a switch made over SSH), its own smoke checks and benches (commands over MQTT) and
-    `edgekit-agent activate`'s smoke check take turns there, as an Edge TPU opens for one process at a time and the
-    serving socket's pause covers only what is served. A process that ends (killed included) lets it go. Waits
-    ``wait_s`` at most for another process's turn to end, or another thread's: a flock belongs to the open file, so
-    each thread takes its own, and a turn the calling thread holds already (a bench, then its smoke check) is just the
-    block. ``cancel`` set (the agent is stopping) ends the wait at once. Yields nothing; raises what the block raises.
+    its start, or after a switch made over SSH), its own smoke checks and benches (commands over MQTT),
+    `edgekit-agent activate`'s smoke check and `edgekit-agent bench` on the Edge TPU take turns there, as an Edge TPU
+    opens for one process at a time and the serving socket's pause covers only what is served. A process that ends
+    (killed included) lets it go. Waits ``wait_s`` at most for another process's turn to end, or another thread's: a
+    flock belongs to the open file, so each thread takes its own, and a turn the calling thread holds already (a
+    bench, then its smoke check) is just the block. ``cancel`` set (the agent is stopping) ends the wait at once.
+    Yields nothing; raises what the block raises.
 
     Raises:
         AcceleratorBusy: another process (or another thread of this one) still holds it after ``wait_s``, or when
@@ -276,7 +277,7 @@ def turn(root: Path, wait_s: float = 0.0, cancel: threading.Event | None = None)
                         f" for {wait_s:g} s" if wait_s else "")
                     raise AcceleratorBusy(f"another process holds the Edge TPU for a model it checks or loads "
                                           f"({root / TURN} taken{waited}: the running agent, or edgekit-agent "
-                                          "activate); retry once it ends") from None
+                                          "activate or bench); retry once it ends") from None
                 if cancel is None:
                     time.sleep(TURN_POLL_S)
                 else:

@@ -346,6 +346,37 @@ def test_the_agents_status_says_whether_it_can_run_the_edgetpu_variant(tmp_path,
         assert said == "available" if expected is None else expected in said, said
 
 
+def test_the_agents_status_opens_no_edge_tpu_during_another_processs_turn(tmp_path, monkeypatch, offline_config):
+    """The agent's status (at each connection, after a switch) asks whether the Edge TPU is attached by opening it,
+    when nothing of the agent holds it (serving off, a CPU variant served, serving paused) and it has not opened for
+    30 s: opened while `edgekit-agent activate`'s check took its turn, that check's child could find the USB Coral busy
+    and fail as the model's fault. The status opens it in the agent's own turn now: during another process's turn it
+    is taken as attached (that process's own run says what fails), not opened; after it, opened as before."""
+    import fcntl
+
+    from device_agents.service import Agent
+    from device_agents.targets.edgetpu import EdgeTpu
+
+    opened = []
+    monkeypatch.setattr("ctypes.CDLL", lambda name: None)  # libedgetpu loads
+    monkeypatch.setattr("device_agents.targets.edgetpu.load_delegate", lambda library, options: opened.append(1))
+    agent = Agent(offline_config("bench: {delegate: edgetpu}\n", serve="{enabled: false}"))
+    try:
+        agent.store.root.mkdir(parents=True, exist_ok=True)
+        EdgeTpu.forget()  # not opened within PROBE_TTL_S (its last status, the will made with the agent, opened it)
+        opened.clear()
+        fd = os.open(agent.store.root / "edgetpu.lock", os.O_RDONLY | os.O_CREAT)  # activate's turn, its check
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert agent._status("online")["runtimes"]["edgetpu"] == "available" and opened == []
+        finally:
+            os.close(fd)
+        assert agent._status("online")["runtimes"]["edgetpu"] == "available" and opened == [1]
+    finally:
+        EdgeTpu.forget()
+        agent.spool.close()
+
+
 @pytest.fixture(scope="module")
 def face(wheels, tmp_path_factory):
     """BlazeFace short range (a real LiteRT model), from its wheel."""
@@ -689,12 +720,46 @@ def test_a_served_model_a_pause_left_unloaded_is_loaded_again_once_the_edge_tpu_
         agent.spool.close()
 
 
+def test_a_served_model_left_unloaded_is_loaded_again_in_the_agents_edge_tpu_turn(face, monkeypatch, offline_config):
+    """The agent's loop loads again, every second, a served model a pause left unloaded (the Coral unplugged, then
+    back): it took no turn to open the Edge TPU, so while `edgekit-agent activate` checked a model (its turn held,
+    nothing to pause: serving held no Edge TPU) the reload could take the Coral from under that check's child, which
+    failed as the model's fault. It waits for that turn now: nothing loaded while it is held, loaded once it ends."""
+    import fcntl
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    try:
+        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(sha)
+        agent.follow_current()
+        served = agent.server.current
+        make = served._make
+        served._make = lambda path: no_tpu("libedgetpu.so.1", None)  # unplugged during a pause
+        with agent.server.paused("a child"):
+            pass
+        served._make = make  # plugged back
+        fd = os.open(agent.store.root / "edgetpu.lock", os.O_RDONLY)  # another process's turn: activate's check
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            agent.follow_current()
+            assert served.broken is not None and coral.open_here == 0  # its check's child holds the Coral meanwhile
+        finally:
+            os.close(fd)
+        agent.follow_current()
+        assert agent.server.current is served and served.broken is None and coral.open_here == 1
+    finally:
+        agent.spool.close()
+
+
 def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resumes_when_the_first_ends(
         face, tmp_path, monkeypatch, offline_config):
     """Serving paused for one process (`edgekit-agent activate`), a second pause (another activate, or the agent's
     own smoke check or bench) found serving's interpreters holding no Edge TPU and was answered that there was nothing
     to pause: its child then failed as busy on the Coral the first one's child held, and nothing said why. It is
-    refused at once now, naming the pause that holds it, and serving resumes when the first ends. The agent's loop,
+    refused now, naming the pause that holds it (the agent's own check after waiting for it as for its turn), and
+    serving resumes when the first ends. The agent's loop,
     finding the model that process switched to before the agent saw its pause end, loads it at a later call, without
     logging the refusal as an error."""
     import time
@@ -725,8 +790,18 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
         other = tmp_path / "other.tflite"
         other.write_bytes(face.read_bytes() + b"\0")
         other_sha = agent.store.install(other, variant="edgetpu", model="blazeface").sha256
+        monkeypatch.setattr("device_agents.service.ACTIVATE_TURN_WAIT_S", 0.5)
+        t0 = time.monotonic()
         with pytest.raises(DeviceError, match=r"^pause: serving is paused already \(the first smoke check"):
             agent._activate(other_sha)  # the agent's own smoke check: its child would fail as busy, said why instead
+        assert time.monotonic() - t0 >= 0.5  # after waiting for that pause as for a turn (ACTIVATE_TURN_WAIT_S)
+        monkeypatch.setattr("device_agents.service.ACTIVATE_TURN_WAIT_S", 60)
+        agent._stop.set()  # the agent stopping: waits no longer
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError, match=r"^pause: serving is paused already \(the first smoke check"):
+            agent._activate(other_sha)
+        assert time.monotonic() - t0 < 5
+        agent._stop.clear()
         assert agent.store.current() == sha
         agent.store._switch(other_sha, sha)  # switched by the pausing process, whose end the agent has not seen yet
         agent.follow_current()  # not its turn: nothing loaded, nothing logged (it logged the refusal as an error)
@@ -742,6 +817,113 @@ def test_a_second_pause_while_one_is_held_is_answered_at_once_and_serving_resume
             assert coral.open_here == 0
         assert coral.open_here == 1
     finally:
+        agent.server.close()
+        agent.spool.close()
+
+
+@pytest.mark.parametrize("what", ["bench", "activation"])
+def test_the_agents_own_check_whose_turn_comes_as_activate_ends_waits_for_serving_to_load_again(
+        face, tmp_path, monkeypatch, offline_config, wait, what):
+    """`edgekit-agent activate` over SSH ends its pause of the agent's serving, then its turn on the Edge TPU: the
+    agent's bench or activation that waited for that turn took it at once, while serving was still loading its model
+    again after that pause (seconds on a Coral), and was refused as "serving is paused already", though the pause it
+    named was over. It waits for serving to load again now (within what it waits for its turn), then pauses it for
+    its own child: both pass, and the model is served again from the Edge TPU."""
+    import threading
+    import time
+
+    from device_agents.__main__ import _serving_paused
+    from edgekit_protocol.commands import Command
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    monkeypatch.setattr("device_agents.service.bench_in_child", lambda smoke, path, settings, **kw:
+                        coral.open_in_child() or {"latency_ms": {"p90": 1.0}, "runs": 3})
+    agent.emit = lambda kind, body: {"msg_id": "m"}
+    agent.server.start()
+    checked, done = threading.Event(), []
+
+    def activate():  # in another thread: another open of the turn's file, as another process's
+        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Warmed()):
+            checked.wait(30)  # its check's child holds the Coral
+
+    def own():
+        try:
+            done.append(agent._cmd_bench(Command(msg_id="b", name="bench", args={"sha256": first})) if what == "bench"
+                        else agent._activate(other))
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            done.append(exc)
+
+    try:
+        first = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(first)
+        agent.follow_current()
+        other = _second_edgetpu(agent.store, face, tmp_path)
+        served = agent.server.current
+        make = served._make
+        served._make = lambda path: time.sleep(1) or make(path)  # a Coral takes its time to load a model again
+        ssh, mine = threading.Thread(target=activate), threading.Thread(target=own)
+        ssh.start()
+        assert wait(lambda: served.paused is not None), "activate never paused serving"
+        mine.start()
+        time.sleep(0.5)
+        assert done == [] and coral.open_here == 0  # waits for activate's turn
+        checked.set()
+        ssh.join(30)
+        mine.join(60)
+        assert len(done) == 1 and not isinstance(done[0], Exception), done
+        assert (done[0]["sha256"] == first) if what == "bench" else (agent.store.current() == other)
+        assert served.paused is None and coral.open_here == 1
+    finally:
+        checked.set()
+        agent.server.close()
+        agent.spool.close()
+
+
+def test_an_activate_whose_turn_comes_as_another_ends_waits_for_serving_to_load_again(face, tmp_path, monkeypatch,
+                                                                                        offline_config, wait):
+    """Two `edgekit-agent activate` (or bench) by hand, one waiting for the other's Edge TPU turn: the second took it
+    as the first ended, and asked the agent to pause while serving was still loading its model again after the first
+    pause (seconds on a Coral). It was answered "serving is paused already", so its child ran beside that load, no
+    pause held: on a real Coral one of them failed as busy. It asks again until serving has loaded again (within
+    PAUSE_ASK_TIMEOUT_S), then holds its own pause for its whole check."""
+    import threading
+    import time
+
+    from device_agents.__main__ import _serving_paused
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    agent.server.start()
+    checked, during = threading.Event(), []
+
+    def first_activate():  # another thread: another open of the turn's file, as another process's
+        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Warmed()):
+            checked.wait(30)
+
+    try:
+        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(sha)
+        agent.follow_current()
+        other = _second_edgetpu(agent.store, face, tmp_path)
+        served = agent.server.current
+        make = served._make
+        served._make = lambda path: time.sleep(1) or make(path)  # a Coral takes its time to load a model again
+        first = threading.Thread(target=first_activate)
+        first.start()
+        assert wait(lambda: served.paused is not None), "the first activate never paused serving"
+        threading.Timer(0.5, checked.set).start()
+        with _serving_paused(agent.store, other, "edgetpu", {}, agent.server.path, Warmed()):  # waits for its turn
+            for _ in range(15):  # its check's child holds the Coral: nothing else opens it meanwhile
+                during.append((served.paused and served.paused[1], coral.open_here))
+                time.sleep(0.1)
+        first.join(30)
+        assert all(open_here == 0 and why and why.startswith("the smoke check") for why, open_here in during), during
+        assert wait(lambda: served.paused is None and coral.open_here == 1)  # served again after it
+    finally:
+        checked.set()
         agent.server.close()
         agent.spool.close()
 
@@ -1033,6 +1215,13 @@ def test_activate_right_after_the_agent_restarted_waits_for_its_start_up_check(f
     assert " ERROR " not in said
 
 
+class Warmed:
+    """A smoke pool for `edgekit-agent activate`'s pause (``_serving_paused``) whose forkserver started already."""
+
+    def warm(self):
+        pass
+
+
 def _second_edgetpu(store: ModelStore, face, tmp_path) -> str:
     """Install another edgetpu model (BlazeFace with a byte more: another sha256) in ``store``; return its sha256."""
     second = tmp_path / "second.tflite"
@@ -1090,7 +1279,7 @@ def test_an_agent_restarted_while_activate_checks_a_model_waits_for_that_check(f
         assert wait(lambda: holding.exists() and holding.read_text(), 120), "activate's child never held the Coral"
         start(env)
         assert wait(told, 120), log.read_text() if log.exists() else ""
-        assert "once another process's check on the Edge TPU ends (edgekit-agent activate)" in told()
+        assert "once another process's check on the Edge TPU ends (edgekit-agent activate or bench)" in told()
         holding.write_text("done")  # the activation's check ends
     assert wait(lambda: serving(sha), 120), log.read_text()
     said = log.read_text()
@@ -1155,7 +1344,7 @@ def test_the_agents_own_bench_and_activation_take_their_edge_tpu_turn_after_acti
                 agent._activate(third)
             assert str(caught.value) == (f"smoke check of model {third[:12]}: another process holds the Edge TPU for "
                                          f"a model it checks or loads ({root}/edgetpu.lock taken for 0.5 s: the "
-                                         "running agent, or edgekit-agent activate); retry once it ends")
+                                         "running agent, or edgekit-agent activate or bench); retry once it ends")
             assert store.current() == first
             bencher.start()
             assert wait(lambda: failed or waits_its_turn(os.getpid(), root), 30)
@@ -1167,6 +1356,95 @@ def test_the_agents_own_bench_and_activation_take_their_edge_tpu_turn_after_acti
         assert store.current() == second
         assert agent._activate(third)["current"] == third  # its turn now
     finally:
+        agent.spool.close()
+
+
+def test_activate_with_serving_off_takes_its_edge_tpu_turn_all_the_same(face, tmp_path, monkeypatch):
+    """With the agent's serving off (serve.enabled: false) there is nothing to pause, and `edgekit-agent activate` took
+    no turn on the Edge TPU either: the running agent's own bench or smoke check on it (commands over MQTT), which take
+    their turn, ran beside its smoke check, and one of their children failed as busy, said to be the model's fault.
+    It takes its turn whatever serving is: it waits for the agent's (TURN_WAIT_S, then one line, the check not run)."""
+    import fcntl
+
+    from device_agents.__main__ import _serving_paused
+    from device_agents.errors import AcceleratorBusy
+
+    store = ModelStore(tmp_path / "root")
+    sha = store.install(face, variant="edgetpu", model="blazeface").sha256
+    monkeypatch.setattr("device_agents.targets.edgetpu.TURN_WAIT_S", 0.3)
+    checked = []
+
+    fd = os.open(store.root / "edgetpu.lock", os.O_RDONLY | os.O_CREAT)  # the running agent's bench holds the turn
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(AcceleratorBusy, match=f"^another process holds the Edge TPU .*{store.root}/edgetpu.lock "
+                                                  "taken for 0.3 s"), _serving_paused(store, sha, "edgetpu", None,
+                                                                                       None, Warmed()):
+            checked.append("during the agent's turn")
+    finally:
+        os.close(fd)
+    with _serving_paused(store, sha, "edgetpu", None, None, Warmed()):
+        checked.append("in its own turn")
+    assert checked == ["in its own turn"]
+
+
+def test_a_bench_by_hand_on_the_edge_tpu_takes_its_turn_and_pauses_the_agents_serving(face, monkeypatch,
+                                                                                         offline_config, capsys, wait):
+    """`edgekit-agent bench --delegate edgetpu` on a device whose agent serves an edgetpu model opened the USB Coral
+    taking no turn and pausing nothing: its check failed as busy, said to be the model's ("cannot load or run the
+    model"), and a bench by hand that held the Coral failed the agent's own checks the same way. It takes its turn at
+    the agent's root (``--root``, the default one here) and pauses the agent's serving for its run now, as
+    `edgekit-agent activate` does: it passes, and serving resumes after it; the turn held elsewhere, it waits for it
+    (TURN_WAIT_S), then says so in one line, nothing run."""
+    import fcntl
+    import json
+
+    from device_agents.__main__ import main
+
+    coral = UsbCoral()
+    agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    ran = []
+
+    class Pool:  # the bench's children, opening the Coral
+        def warm(self):
+            pass
+
+        def __call__(self, model, **kw):
+            coral.open_in_child()
+            ran.append("smoke")
+
+    def bench(pool, model, settings, **kw):
+        coral.open_in_child()
+        ran.append("bench")
+        return {"latency_ms": {"p90": 1.0}, "runs": 3}
+
+    monkeypatch.setattr("device_agents.smoke.SmokePool", Pool)
+    monkeypatch.setattr("device_agents.bench.bench_in_child", bench)
+    monkeypatch.setattr("device_agents.__main__.default_root", lambda: agent.store.root)
+    monkeypatch.setattr("device_agents.targets.edgetpu.TURN_WAIT_S", 0.3)
+    agent.server.start()
+    try:
+        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+        agent._activate(sha)
+        agent.follow_current()
+        assert coral.open_here == 1
+        main(["bench", str(face), "--delegate", "edgetpu", "--json"])
+        assert json.loads(capsys.readouterr().out)["runs"] == 3 and ran == ["smoke", "bench"]
+        assert wait(lambda: agent.server.current.paused is None and coral.open_here == 1)  # served again after it
+        fd = os.open(agent.store.root / "edgetpu.lock", os.O_RDONLY)  # the agent's own bench holds the turn
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(SystemExit) as exited:
+                main(["bench", str(face), "--delegate", "edgetpu"])
+        finally:
+            os.close(fd)
+        said = capsys.readouterr().err
+        assert exited.value.code == 2 and ran == ["smoke", "bench"] and said.count("\n") == 1
+        assert said.startswith(f"edgekit-agent: error: another process holds the Edge TPU for a model it checks or "
+                               f"loads ({agent.store.root}/edgetpu.lock taken for 0.3 s")
+    finally:
+        agent.server.close()
         agent.spool.close()
 
 

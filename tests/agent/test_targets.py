@@ -419,8 +419,8 @@ def test_a_process_waits_its_edge_tpu_turn_then_is_told_in_one_line_who_may_hold
         assert 0.3 <= time.monotonic() - t0 < 5
     (caught,) = told
     assert str(caught.value) == (f"another process holds the Edge TPU for a model it checks or loads ({tmp_path}/"
-                                 "edgetpu.lock taken for 0.3 s: the running agent, or edgekit-agent activate); retry "
-                                 "once it ends")
+                                 "edgetpu.lock taken for 0.3 s: the running agent, or edgekit-agent activate or "
+                                 "bench); retry once it ends")
     with turn(tmp_path):  # let go
         pass
 
