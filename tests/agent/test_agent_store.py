@@ -684,6 +684,22 @@ def test_a_shadow_of_an_edgetpu_model_is_refused_beside_a_model_served_on_the_cp
         agent.spool.close()
 
 
+def _served_then_unplugged_during_a_pause(agent, coral, face):
+    """Activate and serve BlazeFace's edgetpu variant on ``agent`` (smoke checks open ``coral`` in a child), then pause
+    serving with the Coral unplugged meanwhile, so its interpreters stay unloaded; return ``(sha256, the served model,
+    its interpreter maker)`` (put the maker back to plug the Coral in again)."""
+    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
+    sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+    agent._activate(sha)
+    agent.follow_current()
+    served = agent.server.current
+    make = served._make
+    served._make = lambda path: no_tpu("libedgetpu.so.1", None)  # unplugged during the pause
+    with agent.server.paused("a child"):
+        pass
+    return sha, served, make
+
+
 def test_a_served_model_a_pause_left_unloaded_is_loaded_again_once_the_edge_tpu_is_back(face, monkeypatch,
                                                                                       offline_config):
     """The Coral unplugged during a smoke check or bench: serving's interpreters did not load again after the pause,
@@ -696,17 +712,9 @@ def test_a_served_model_a_pause_left_unloaded_is_loaded_again_once_the_edge_tpu_
 
     coral = UsbCoral()
     agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
-    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
     try:
-        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
-        agent._activate(sha)
-        agent.follow_current()
-        served = agent.server.current
+        sha, served, make = _served_then_unplugged_during_a_pause(agent, coral, face)
         x = {p["name"]: np.zeros(p["shape"][1:], np.float32) for p in served.inputs}
-        make = served._make
-        served._make = lambda path: no_tpu("libedgetpu.so.1", None)  # unplugged during the pause
-        with agent.server.paused("a child"):
-            pass
         agent.follow_current()  # still unplugged: still told why
         with pytest.raises(RequestError, match=f"model {sha[:12]} could not be loaded again after a pause for a "
                                                "child process \\(Failed to load delegate from libedgetpu.so.1\\); "
@@ -729,16 +737,8 @@ def test_a_served_model_left_unloaded_is_loaded_again_in_the_agents_edge_tpu_tur
 
     coral = UsbCoral()
     agent = _agent_on_usb_coral(coral, monkeypatch, offline_config)
-    agent.smoke = lambda path, **kw: coral.open_in_child() or {"ok": True}
     try:
-        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
-        agent._activate(sha)
-        agent.follow_current()
-        served = agent.server.current
-        make = served._make
-        served._make = lambda path: no_tpu("libedgetpu.so.1", None)  # unplugged during a pause
-        with agent.server.paused("a child"):
-            pass
+        _, served, make = _served_then_unplugged_during_a_pause(agent, coral, face)
         served._make = make  # plugged back
         fd = os.open(agent.store.root / "edgetpu.lock", os.O_RDONLY)  # another process's turn: activate's check
         try:
