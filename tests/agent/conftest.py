@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
 
 import pytest
@@ -9,6 +11,31 @@ import pytest
 # the installed interpreter runtime, imported before a test fakes ctypes.CDLL (as the Edge TPU's library loading or
 # not): the runtime's own import loads its library through it (device_agents.smoke's import no longer imports it)
 import device_agents.runtimes.preload  # noqa: F401
+
+
+@contextlib.contextmanager
+def root_logging_kept():
+    """Run the block, which configures logging as the agent does (``service.log_to``, which ``main(["run", ...])``
+    runs too), then put the root logger's handlers and level back, the handlers it added flushed and closed: else the
+    later tests' records go to a handler on this test's closed capture stream ("--- Logging error ---" on their
+    stderr). Use it inside the test (pytest's own log handlers change between its phases). Yields nothing."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.flush()
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@pytest.fixture
+def logging_kept():
+    """:func:`root_logging_kept`, for a test that runs the agent, or its log set-up, in-process."""
+    return root_logging_kept
 
 
 @pytest.fixture

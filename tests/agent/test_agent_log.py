@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-import logging
+
+import pytest
 
 from device_agents import service
 
 
-@contextlib.contextmanager
-def agent_log(path):
-    """Log to ``path`` as the agent does (``service.log_to``) for the block; flush, close and put the root
-    logger's handlers back after."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        service.log_to(path)
-        yield
-        for handler in root.handlers:
-            handler.flush()
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:], root.level = saved[0], saved[1]
+@pytest.fixture
+def agent_log(logging_kept):
+    """Return ``logging_to(path)``: log to ``path`` as the agent does (``service.log_to``) for the block; the root
+    logger's handlers flushed, closed and put back after."""
+
+    @contextlib.contextmanager
+    def logging_to(path):
+        with logging_kept():
+            service.log_to(path)
+            yield
+
+    return logging_to
 
 
-def test_a_flood_of_refused_commands_cannot_grow_the_agent_log_without_bound(tmp_path, monkeypatch):
+def test_a_flood_of_refused_commands_cannot_grow_the_agent_log_without_bound(tmp_path, monkeypatch, agent_log):
     """Every refused command is a warning line in ``<root>/agent.log`` (the supervisor's --log-file), which was a
     plain file: a flood of garbage on the device's cmd topic filled its storage line by line. It is now cut at
     LOG_MAX_BYTES with one older part kept, and the newest lines are in the file."""
@@ -39,7 +37,7 @@ def test_a_flood_of_refused_commands_cannot_grow_the_agent_log_without_bound(tmp
     assert (tmp_path / "agent.log").read_text().rstrip().endswith("refused 4999")
 
 
-def test_text_from_a_model_or_a_message_cannot_forge_or_colour_a_log_line(tmp_path):
+def test_text_from_a_model_or_a_message_cannot_forge_or_colour_a_log_line(tmp_path, agent_log):
     """A model's tensor name (or a refused payload) quoted in a log line wrote its newlines and escape
     sequences as they were: one line could pass for several, e.g. a forged 'activated' entry."""
     with agent_log(tmp_path / "agent.log"):

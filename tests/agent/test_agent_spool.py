@@ -265,7 +265,8 @@ def test_a_spool_damaged_again_within_the_same_second_keeps_the_one_kept_before(
 
 
 def test_a_spool_that_cannot_be_read_at_the_start_stops_the_agent_in_one_line_and_is_kept(offline_config, tmp_path,
-                                                                                            monkeypatch, capsys):
+                                                                                            monkeypatch, capsys,
+                                                                                            logging_kept):
     """An I/O error reading the spool (a failing card; quick_check reads every page) or one locked, read-only or on a
     full disk is no damage: the spool is kept as it is. The agent's start ended in a Python traceback, at every
     restart; now in one line naming the file, the error and what to do, exit 1 (systemd starts it again)."""
@@ -282,7 +283,7 @@ def test_a_spool_that_cannot_be_read_at_the_start_stops_the_agent_in_one_line_an
             return super().execute(sql, *args)
 
     monkeypatch.setattr(sqlite3, "connect", lambda *args, **kw: real(*args, factory=Unreadable, **kw))
-    with pytest.raises(SystemExit) as caught:
+    with logging_kept(), pytest.raises(SystemExit) as caught:  # the agent logs to this test's stderr
         main(["run", "--config", str(tmp_path / "agent.yaml")])
     err = capsys.readouterr().err.splitlines()  # the log's lines before it: the device key made
     assert caught.value.code == 1 and not any(line.startswith("Traceback") for line in err)
