@@ -138,8 +138,8 @@ def ack_all(client: mqtt.Client, mids: list[int | None]) -> None:
     (``manual_ack``) received, in the order given, as one write of their PUBACKs; return nothing. paho's ``ack`` queues
     each PUBACK alone, waking the network thread and sending a TCP segment per message: a system call or two for each
     message a receiver of a stream stores. Where paho has no ``_packet_queue`` (its private queue of outgoing packets,
-    paho-mqtt 2.x), or one that takes other arguments, each is acknowledged by ``ack``. Raises as paho's ``ack`` (nothing is sent while disconnected: the
-    broker sends those messages again)."""
+    paho-mqtt 2.x), or one that takes other arguments, each is acknowledged by ``ack``. Raises as paho's ``ack``
+    (nothing is sent while disconnected: the broker sends those messages again)."""
     mids = [mid for mid in mids if mid is not None]
     if not mids:
         return
