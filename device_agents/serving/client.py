@@ -23,6 +23,7 @@ from device_agents.errors import (
     RuntimeUnavailable,
     StoreError,
 )
+from device_agents.lazy import LazyModule
 from device_agents.serving.frames import (
     DTYPES,
     FrameError,
@@ -39,8 +40,10 @@ from device_agents.serving.frames import (
 from device_agents.store import default_root
 from edgekit_protocol.errors import EdgeKitError
 
-if TYPE_CHECKING:  # imported where tensors are: info, live and pause (edgekit-agent state, activate) go without it
+if TYPE_CHECKING:
     import numpy as np
+else:  # imported at the first tensor (info, live and pause: edgekit-agent state, activate go without it), then
+    np = LazyModule("numpy", globals(), "np")  # a plain global: a request runs no import statement
 
 SOCKET = "serve.sock"
 SHM_MIN = 64 * 1024  # inputs at least this large go through shared memory
@@ -85,8 +88,6 @@ def _carried(arrays: dict[str, np.ndarray]) -> None:
 
 def _named(inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
     """Return ``inputs`` as arrays by name (a bare array is named ``x``)."""
-    import numpy as np
-
     return {k: np.asarray(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {"x": np.asarray(inputs)}
 
 
@@ -248,8 +249,6 @@ class Client:
             ServingError: the inputs do not fit the model (a dtype the API does not carry included), no
                 model is active, the API is unreachable, or the memory file for a large input cannot be made.
         """
-        import numpy as np
-
         arrays = _named(inputs)
         size = sum(a.nbytes for a in arrays.values())
         if self.shared_memory and (size >= SHM_MIN or self._in_file(arrays)):
@@ -288,8 +287,6 @@ class Client:
 
     def _in_file(self, arrays: dict[str, np.ndarray]) -> bool:
         """Return whether any of ``arrays`` lies in this client's current memory file (from :meth:`shared`)."""
-        import numpy as np
-
         return self._shm is not None and any(np.may_share_memory(a, self._shm[2]) for a in arrays.values())
 
     def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
@@ -306,8 +303,6 @@ class Client:
         """
         import fcntl
         import mmap
-
-        import numpy as np
 
         if any(a.dtype.hasobject for a in arrays.values()):  # Python objects: no bytes to copy
             _carried(arrays)
