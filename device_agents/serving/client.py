@@ -181,7 +181,8 @@ class Client:
                 before taking the request, EPIPE on the send or ECONNRESET on the receive, is opened again once), the
                 connection is closed once the request was sent with no answer, the answer is malformed or cut short,
                 or no answer came within ``timeout`` (none of these three sent again: the agent took it and would run
-                it twice, and the caller wait twice its timeout).
+                it twice, and the caller wait twice its timeout). After an error answer the connection is closed:
+                the next request opens a new one.
         """
         for attempt in (1, 2):  # a connection the server closed before taking the request is opened again once
             if self._sock is None:
@@ -221,7 +222,8 @@ class Client:
             answer, tensors = frame
             if self.busy_poll_ns and header.get("op") == "predict":  # an info call's quick answer says nothing
                 self._round_trips.append(time.perf_counter_ns() - sent)
-            if not answer.get("ok"):
+            if not answer.get("ok"):  # the server hangs up after some (malformed, timed out): a new connection next
+                self._drop()  # (a request sent before its close would meet the end of the stream, taken as read)
                 raise ServingError(str(answer.get("error")))
             self.model = answer.get("model")
             return answer, tensors
