@@ -25,10 +25,13 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from device_agents.lazy import LazyModule
 from device_agents.runtimes.base import Runtime
 
-if TYPE_CHECKING:  # numpy is imported where a model runs: the agent's store commands start without it
+if TYPE_CHECKING:
     import numpy as np
+else:  # imported where a model runs (the agent's store commands start without it), then a plain global
+    np = LazyModule("numpy", globals(), "np")
 
 INSTALL = "pip install 'edge-kit[agent-onnx]'"
 # Preferred first; the CPU provider is always last and always present. TensorRT: the tensorrt runtime's.
@@ -38,8 +41,6 @@ PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 @functools.cache
 def _dtypes() -> dict[str, type]:
     """Return the numpy dtype of each ONNX tensor type the agent feeds, keyed by ONNX Runtime's name of it."""
-    import numpy as np
-
     return {
         "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
         "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16, "tensor(uint16)": np.uint16,
@@ -117,8 +118,6 @@ class OrtInterpreter:
 
     @staticmethod
     def _detail(index: int, arg: Any, model: str, output: bool = False) -> dict[str, Any]:
-        import numpy as np
-
         dtype = _dtypes().get(arg.type)
         if dtype is None:
             raise ValueError(f"{model}: tensor '{arg.name}' has type {arg.type}, which the agent does not feed")
@@ -156,8 +155,6 @@ class OrtInterpreter:
         Raises:
             ValueError: ``index`` is not an input, or the value's shape or dtype does not fit.
         """
-        import numpy as np
-
         if not 0 <= index < len(self._inputs):
             raise ValueError(f"tensor {index} is not an input of this model")
         d = self._inputs[index]

@@ -23,6 +23,7 @@ from device_agents.errors import (
     RuntimeUnavailable,
     StoreError,
 )
+from device_agents.lazy import LazyModule
 from device_agents.serving.frames import (
     DTYPES,
     FrameError,
@@ -39,8 +40,10 @@ from device_agents.serving.frames import (
 from device_agents.store import default_root
 from edgekit_protocol.errors import EdgeKitError
 
-if TYPE_CHECKING:  # imported where tensors are: info, live and pause (edgekit-agent state, activate) go without it
+if TYPE_CHECKING:
     import numpy as np
+else:  # imported at the first tensor (info, live and pause: edgekit-agent state, activate go without it), then
+    np = LazyModule("numpy", globals(), "np")  # a plain global: a request runs no import statement
 
 SOCKET = "serve.sock"
 SHM_MIN = 64 * 1024  # inputs at least this large go through shared memory
@@ -85,8 +88,6 @@ def _carried(arrays: dict[str, np.ndarray]) -> None:
 
 def _named(inputs: dict[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
     """Return ``inputs`` as arrays by name (a bare array is named ``x``)."""
-    import numpy as np
-
     return {k: np.asarray(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {"x": np.asarray(inputs)}
 
 
@@ -180,7 +181,8 @@ class Client:
                 before taking the request, EPIPE on the send or ECONNRESET on the receive, is opened again once), the
                 connection is closed once the request was sent with no answer, the answer is malformed or cut short,
                 or no answer came within ``timeout`` (none of these three sent again: the agent took it and would run
-                it twice, and the caller wait twice its timeout).
+                it twice, and the caller wait twice its timeout). After an error answer the connection is closed:
+                the next request opens a new one.
         """
         for attempt in (1, 2):  # a connection the server closed before taking the request is opened again once
             if self._sock is None:
@@ -220,7 +222,8 @@ class Client:
             answer, tensors = frame
             if self.busy_poll_ns and header.get("op") == "predict":  # an info call's quick answer says nothing
                 self._round_trips.append(time.perf_counter_ns() - sent)
-            if not answer.get("ok"):
+            if not answer.get("ok"):  # the server hangs up after some (malformed, timed out): a new connection next
+                self._drop()  # (a request sent before its close would meet the end of the stream, taken as read)
                 raise ServingError(str(answer.get("error")))
             self.model = answer.get("model")
             return answer, tensors
@@ -248,8 +251,6 @@ class Client:
             ServingError: the inputs do not fit the model (a dtype the API does not carry included), no
                 model is active, the API is unreachable, or the memory file for a large input cannot be made.
         """
-        import numpy as np
-
         arrays = _named(inputs)
         size = sum(a.nbytes for a in arrays.values())
         if self.shared_memory and (size >= SHM_MIN or self._in_file(arrays)):
@@ -288,8 +289,6 @@ class Client:
 
     def _in_file(self, arrays: dict[str, np.ndarray]) -> bool:
         """Return whether any of ``arrays`` lies in this client's current memory file (from :meth:`shared`)."""
-        import numpy as np
-
         return self._shm is not None and any(np.may_share_memory(a, self._shm[2]) for a in arrays.values())
 
     def _share(self, arrays: dict[str, np.ndarray], size: int) -> dict[str, Any]:
@@ -306,8 +305,6 @@ class Client:
         """
         import fcntl
         import mmap
-
-        import numpy as np
 
         if any(a.dtype.hasobject for a in arrays.values()):  # Python objects: no bytes to copy
             _carried(arrays)

@@ -40,11 +40,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from device_agents.lazy import LazyModule
 from edgekit_protocol.errors import MessageError
 from edgekit_protocol.messages import strict_loads
 
-if TYPE_CHECKING:  # imported where tensors are: a frame without any (info, live, pause) is read and written without it
+if TYPE_CHECKING:
     import numpy as np
+else:  # imported at the first frame with tensors (one without, info, live, pause, goes without it), then a
+    np = LazyModule("numpy", globals(), "np")  # plain global: a request runs no import statement
 
 MAGIC = b"EKS1"
 MAX_HEADER = 64 * 1024
@@ -154,8 +157,6 @@ def _exactly(stream: BinaryIO, n: int) -> bytes | None:
 
 def describe(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """Return the header's ``tensors`` entries for named arrays."""
-    import numpy as np
-
     return [{"name": name, "dtype": np.asarray(a).dtype.name, "shape": list(np.shape(a))} for name, a in arrays.items()]
 
 
@@ -203,8 +204,6 @@ def write_frame(stream: Any, header: dict[str, Any], arrays: dict[str, np.ndarra
         OSError: the peer is gone. ValueError: the header holds NaN or infinity.
     """
     if arrays:
-        import numpy as np
-
         arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     else:
         arrays = {}
@@ -295,8 +294,6 @@ def _shared_arrays(plan: list[tuple], view: memoryview) -> dict[str, np.ndarray]
     Raises:
         FrameError: a tensor lies outside the file.
     """
-    import numpy as np
-
     arrays: dict[str, np.ndarray] = {}
     for name, dtype, shape, nbytes, offset in plan:
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset + nbytes > len(view):
@@ -377,8 +374,6 @@ def _plan(header: dict[str, Any], max_payload: int, limit: str = "serve.max_payl
         raise FrameError("'tensors' must be a list of at most 64 entries")
     if not entries:
         return [], 0
-    import numpy as np
-
     plan = []
     total = 0
     for i, e in enumerate(entries):
@@ -405,8 +400,6 @@ def _arrays(plan: list[tuple], payload: Any) -> dict[str, np.ndarray]:
     """Return the arrays ``plan`` describes, as views of ``payload`` (one after another)."""
     if not plan:
         return {}
-    import numpy as np
-
     arrays: dict[str, np.ndarray] = {}
     at = 0
     for name, dtype, shape, nbytes, _ in plan:
@@ -583,8 +576,6 @@ class Receiver:
             return header, self._from_shared(header, plan, max_payload)
         if not total:
             return header, _arrays(plan, b"")
-        import numpy as np
-
         if not self.reuse:
             if self._end - self._start >= total:  # all in already (an answer of up to 64 kB): copied out in one go
                 self._start += total

@@ -104,3 +104,28 @@ def _edge_tpu_unprobed(tmp_path_factory, monkeypatch):
     edgetpu.EdgeTpu._held.clear()
     yield
     edgetpu.EdgeTpu.forget()
+
+
+@pytest.fixture
+def imports_meanwhile(monkeypatch):
+    """Return ``count(fn)``: runs ``fn()`` and returns how many import statements naming numpy ran meanwhile, in any
+    thread (each call of ``builtins.__import__`` for it: an ``import numpy`` inside a function runs one per call,
+    even with numpy imported long before)."""
+    import builtins
+
+    real = builtins.__import__
+    seen: list[str] = []
+
+    def counting(name, *args, **kwargs):
+        if name.split(".")[0] == "numpy":
+            seen.append(name)
+        return real(name, *args, **kwargs)
+
+    def count(fn) -> int:
+        seen.clear()
+        with monkeypatch.context() as m:
+            m.setattr(builtins, "__import__", counting)
+            fn()
+        return len(seen)
+
+    return count

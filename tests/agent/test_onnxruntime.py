@@ -56,12 +56,14 @@ def test_format_is_read_from_the_content_not_the_name(onnx_model, digits_artifac
         get_runtime("onnxruntime", model=digits_artifacts / "fp32.tflite")
 
 
-def test_adapter_answers_what_session_run_answers(onnx_model, pages):
+def test_adapter_answers_what_session_run_answers(onnx_model, pages, imports_meanwhile):
     interp = get_runtime(model=onnx_model).interpreter(onnx_model)
     assert interp.provider == "CPUExecutionProvider"
     runner = ModelRunner(interp)
     assert [(p.name, p.shape) for p in runner.inputs] == [("x", (1, 3, 224, 224))]
     got = runner.predict(pages["x"])
+    # a served request's set_tensor runs no import statement (numpy is a plain global once imported)
+    assert imports_meanwhile(lambda: interp.set_tensor(0, pages["x"][:1])) == 0
     session = bare_session(onnx_model)
     want = np.concatenate([session.run(None, {"x": x[None]})[0] for x in pages["x"]])
     assert list(got) == ["fetch_name_0"] and got["fetch_name_0"].shape == (8, 4)
