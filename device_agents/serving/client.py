@@ -26,6 +26,7 @@ from device_agents.errors import (
 from device_agents.lazy import LazyModule
 from device_agents.serving.frames import (
     DTYPES,
+    HANGS_UP_AFTER,
     FrameError,
     Receiver,
     busy_poll,
@@ -181,8 +182,9 @@ class Client:
                 before taking the request, EPIPE on the send or ECONNRESET on the receive, is opened again once), the
                 connection is closed once the request was sent with no answer, the answer is malformed or cut short,
                 or no answer came within ``timeout`` (none of these three sent again: the agent took it and would run
-                it twice, and the caller wait twice its timeout). After an error answer the connection is closed:
-                the next request opens a new one.
+                it twice, and the caller wait twice its timeout). After an error answer the server hangs up after
+                (:data:`~device_agents.serving.frames.HANGS_UP_AFTER`) the connection is closed: the next request
+                opens a new one.
         """
         for attempt in (1, 2):  # a connection the server closed before taking the request is opened again once
             if self._sock is None:
@@ -222,9 +224,11 @@ class Client:
             answer, tensors = frame
             if self.busy_poll_ns and header.get("op") == "predict":  # an info call's quick answer says nothing
                 self._round_trips.append(time.perf_counter_ns() - sent)
-            if not answer.get("ok"):  # the server hangs up after some (malformed, timed out): a new connection next
-                self._drop()  # (a request sent before its close would meet the end of the stream, taken as read)
-                raise ServingError(str(answer.get("error")))
+            if not answer.get("ok"):
+                error = str(answer.get("error"))
+                if error.startswith(HANGS_UP_AFTER):  # the server hangs up after it: a new connection next (a request
+                    self._drop()  # sent before its close would meet the end of the stream, taken as read)
+                raise ServingError(error)
             self.model = answer.get("model")
             return answer, tensors
         raise AssertionError("unreachable")

@@ -51,6 +51,11 @@ else:  # imported at the first frame with tensors (one without, info, live, paus
 
 MAGIC = b"EKS1"
 MAX_HEADER = 64 * 1024
+# How the server's error answers begin after which it hangs up (shut for writing, then closed): a malformed request (the
+# stream out of step), one that took too long to arrive, a client turned away (busy, or evicted for a new one). A
+# client opens a new connection for its next request after one, not after the others (wrong shape, no model...).
+MALFORMED, TIMED_OUT, BUSY = "malformed request: ", "timed out: ", "busy: "
+HANGS_UP_AFTER = (MALFORMED, TIMED_OUT, BUSY)
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int16", "int32", "int64", "bool")
 MAX_DIMS = 8
 

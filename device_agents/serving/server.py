@@ -56,7 +56,10 @@ import numpy as np
 from device_agents.errors import NO_ACTIVE_MODEL, AcceleratorBusy, DeviceError
 from device_agents.inference import ModelRunner
 from device_agents.serving.frames import (
+    BUSY,
     MAGIC,
+    MALFORMED,
+    TIMED_OUT,
     FrameError,
     Receiver,
     busy_poll,
@@ -672,8 +675,8 @@ class Server:
     def busy_message(self, http: bool = False) -> str:
         """Return the answer a client turned away for ``max_clients`` (``http_max_clients``) gets."""
         if http:
-            return f"busy: {self.http_max_clients} HTTP clients connected (serve.http_max_clients); retry later"
-        return f"busy: {self.max_clients} clients connected (serve.max_clients); retry later"
+            return f"{BUSY}{self.http_max_clients} HTTP clients connected (serve.http_max_clients); retry later"
+        return f"{BUSY}{self.max_clients} clients connected (serve.max_clients); retry later"
 
     def predict(self, arrays: dict[str, np.ndarray], started_ns: int | None = None,
                 finite: bool = False) -> tuple[_Served, dict[str, np.ndarray], int]:
@@ -754,7 +757,7 @@ class Server:
                     if timed.evicted:
                         return  # closed for a new client as its first bytes came: counted as evicted_idle (below)
                     self.malformed()
-                    _answer(conn, {"ok": False, "error": f"malformed request: {exc}"})
+                    _answer(conn, {"ok": False, "error": f"{MALFORMED}{exc}"})
                     return
                 except OSError as exc:
                     if not isinstance(exc, (BlockingIOError, TimeoutError)):
@@ -762,7 +765,7 @@ class Server:
                     if not timed.started and not receiver.pending:
                         continue  # idle between frames: the receive timeout only woke the wait
                     self.timed_out()
-                    _answer(conn, {"ok": False, "error": f"timed out: a request must arrive within "
+                    _answer(conn, {"ok": False, "error": f"{TIMED_OUT}a request must arrive within "
                                                          f"{self.request_timeout_s:g} s of its first byte "
                                                          "(serve.request_timeout_s)"})
                     return
