@@ -684,6 +684,22 @@ def test_a_shadow_of_an_edgetpu_model_is_refused_beside_a_model_served_on_the_cp
         agent.spool.close()
 
 
+def _served_with_a_second_and_a_slow_reload(agent, face, tmp_path):
+    """Install, activate and serve BlazeFace's edgetpu variant on ``agent``, install a second edgetpu model, and make
+    serving's reload after a pause take a second (as a Coral loading a model again); return ``(served sha256, the
+    second's sha256, the served model)``."""
+    import time
+
+    sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
+    agent._activate(sha)
+    agent.follow_current()
+    other = _second_edgetpu(agent.store, face, tmp_path)
+    served = agent.server.current
+    make = served._make
+    served._make = lambda path: time.sleep(1) or make(path)  # a Coral takes its time to load a model again
+    return sha, other, served
+
+
 def _served_then_unplugged_during_a_pause(agent, coral, face):
     """Activate and serve BlazeFace's edgetpu variant on ``agent`` (smoke checks open ``coral`` in a child), then pause
     serving with the Coral unplugged meanwhile, so its interpreters stay unloaded; return ``(sha256, the served model,
@@ -856,13 +872,7 @@ def test_the_agents_own_check_whose_turn_comes_as_activate_ends_waits_for_servin
             done.append(exc)
 
     try:
-        first = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
-        agent._activate(first)
-        agent.follow_current()
-        other = _second_edgetpu(agent.store, face, tmp_path)
-        served = agent.server.current
-        make = served._make
-        served._make = lambda path: time.sleep(1) or make(path)  # a Coral takes its time to load a model again
+        first, other, served = _served_with_a_second_and_a_slow_reload(agent, face, tmp_path)
         ssh, mine = threading.Thread(target=activate), threading.Thread(target=own)
         ssh.start()
         assert wait(lambda: served.paused is not None), "activate never paused serving"
@@ -904,13 +914,7 @@ def test_an_activate_whose_turn_comes_as_another_ends_waits_for_serving_to_load_
             checked.wait(30)
 
     try:
-        sha = agent.store.install(face, variant="edgetpu", model="blazeface").sha256
-        agent._activate(sha)
-        agent.follow_current()
-        other = _second_edgetpu(agent.store, face, tmp_path)
-        served = agent.server.current
-        make = served._make
-        served._make = lambda path: time.sleep(1) or make(path)  # a Coral takes its time to load a model again
+        sha, other, served = _served_with_a_second_and_a_slow_reload(agent, face, tmp_path)
         first = threading.Thread(target=first_activate)
         first.start()
         assert wait(lambda: served.paused is not None), "the first activate never paused serving"
