@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -1136,10 +1137,12 @@ def test_fleet_status_reads_every_offline_devices_last_known_model_in_a_fixed_nu
     from edge_kit.telemetry.pg import PostgresStore
 
     counted: list[str] = []
+    me = threading.get_ident()  # the command's statements: not those of a thread an earlier test in this worker left
     for cls in (Store, PostgresStore):
         for name in ("_rows", "_execute"):
             def counting(self, sql, args=(), _real=getattr(cls, name)):
-                counted.append(sql)
+                if threading.get_ident() == me:
+                    counted.append(sql)
                 return _real(self, sql, args)
 
             monkeypatch.setattr(cls, name, counting)
@@ -1158,7 +1161,7 @@ def test_fleet_status_reads_every_offline_devices_last_known_model_in_a_fixed_nu
         assert {d: current[d]["variant"] for d in names} == {d: f"int8-{i}" for i, d in enumerate(names)}
         assert all(current[d]["source"] == "history" and current[d]["last_known"] for d in names)
         assert {json.loads(out)["state"][d]["state"] for d in names} == {"offline"}
-    assert statements[0] == statements[1], statements
+    assert statements[0] == statements[1] > 0, statements
 
 
 def test_a_device_s_new_epoch_is_recorded_once_and_the_share_scan_reads_only_its_numbering(history):
