@@ -1129,6 +1129,13 @@ def small_queues(tmp_path, devices=("d1",)):
         broker.stop()
 
 
+def _bench_backlog(publisher, n):
+    """Publish ``n`` signed bench records of devices d1 and d2, in turn (QoS 1, each device's seq from 1); return their
+    MQTTMessageInfo (wait for them to be published)."""
+    return [publisher.publish(messages.topic(FLEET, f"d{1 + i % 2}", "bench"),
+                              messages.encode(signed(bench(f"d{1 + i % 2}", i // 2 + 1))), qos=1) for i in range(n)]
+
+
 def test_a_backlog_is_read_from_the_socket_in_large_reads_and_every_record_is_stored_once(fleet, publisher, tmp_path,
                                                                                           monkeypatch):
     """paho read each packet with a system call per header byte and one for the rest, one packet per select():
@@ -1140,8 +1147,7 @@ def test_a_backlog_is_read_from_the_socket_in_large_reads_and_every_record_is_st
     monkeypatch.setattr(mqtt.Client, "_sock_recv", lambda self, n: reads.append(n) or real(self, n))
     cid = monitor_session(fleet, "read-ahead")
     n = 400
-    infos = [publisher.publish(messages.topic(FLEET, f"d{1 + i % 2}", "bench"),
-                               messages.encode(signed(bench(f"d{1 + i % 2}", i // 2 + 1))), qos=1) for i in range(n)]
+    infos = _bench_backlog(publisher, n)
     big = publisher.publish(messages.topic(FLEET, "d1", "bench"), b"x" * 66_000, qos=1)  # over a read and the 64 KiB limit: refused
     for info in [*infos, big]:
         info.wait_for_publish(10)
@@ -1167,8 +1173,7 @@ def test_a_backlog_s_records_are_acknowledged_a_batch_at_a_write_and_none_is_sen
     monkeypatch.setattr(mqtt.Client, "_sock_send", lambda self, buf: writes.append(bytes(buf)) or real(self, buf))
     cid = monitor_session(fleet, "acks")
     n = 400
-    infos = [publisher.publish(messages.topic(FLEET, f"d{1 + i % 2}", "bench"),
-                               messages.encode(signed(bench(f"d{1 + i % 2}", i // 2 + 1))), qos=1) for i in range(n)]
+    infos = _bench_backlog(publisher, n)
     for info in infos:
         info.wait_for_publish(10)
     store = Store(tmp_path / "h.db")
