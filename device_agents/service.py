@@ -737,25 +737,31 @@ class Agent:
 
     def _cmd_activate(self, cmd: Command) -> dict[str, Any]:
         sha = self.store.resolve(sha256=cmd.args.get("sha256"), variant=cmd.args.get("variant"))
-        return self._activate(sha, cmd.args.get("keep"))
+        return self._activate(sha, cmd.args.get("keep"), cmd.expires)
 
-    def _activate(self, sha: str, keep: Any = None) -> dict[str, Any]:
+    def _activate(self, sha: str, keep: Any = None, expires: float | None = None) -> dict[str, Any]:
         """Switch to installed model ``sha`` safely (hash check, smoke test in a child), then apply the
         store budget sparing ``keep``; return the activation result with what the budget removed.
 
+        ``expires`` (unix time, the command's): the turn is waited for, and the smoke check run, no longer than what
+        is left of it, and nothing is switched after it (the host stopped waiting for the answer then).
+
         Raises:
-            StoreError: not installed, damaged, or it failed its smoke test (the current model stays).
+            StoreError: not installed, damaged, it failed its smoke test, or ``expires`` passed (the current model
+                stays).
             AcceleratorBusy: on the Edge TPU, `edgekit-agent activate`'s turn did not end within
-                :data:`ACTIVATE_TURN_WAIT_S`, or serving is paused for its child (nothing changed).
+                :data:`ACTIVATE_TURN_WAIT_S` (or what is left before ``expires``), or serving is paused for its child
+                (nothing changed).
         """
         self.disk.check("activate")
         if keep is not None:  # written before the switch: nothing after it can fail for space
             atomic_write(self.store.root / "candidates.json", json.dumps(sorted(keep)).encode())
         b = self.cfg.bench
         child = self._settings_for(sha, b) if sha != self.store.current() else None  # current: no check, no child
-        with self._accelerator_for_child(child, f"smoke check of model {sha[:12]}", ACTIVATE_TURN_WAIT_S):
+        wait_s = ACTIVATE_TURN_WAIT_S if expires is None else min(ACTIVATE_TURN_WAIT_S, expires - time.time())
+        with self._accelerator_for_child(child, f"smoke check of model {sha[:12]}", max(wait_s, 0.0)):
             result = self.store.activate(sha, runtime=b.runtime, delegate=b.delegate, options=b.delegate_options,
-                                         threads=b.threads, smoke=self.smoke)
+                                         threads=b.threads, smoke=self.smoke, deadline=expires)
         if result["smoke"] is not None:  # checked with the settings it is served with: not again
             self._smoked.add(self._smoke_key(sha, self._settings_for(sha, b)))
         return {**result, "model": self._model_ref(sha), "removed": self._apply_budget()}

@@ -638,20 +638,23 @@ class ModelStore:
 
     def activate(self, sha256: str, *, runtime: str | None = None, delegate: str = "xnnpack",
                  options: dict[str, Any] | None = None, threads: int = 1,
-                 smoke: Callable[..., dict] | None = None, timeout: float = SMOKE_TIMEOUT_S) -> dict:
+                 smoke: Callable[..., dict] | None = None, timeout: float = SMOKE_TIMEOUT_S,
+                 deadline: float | None = None) -> dict:
         """Make an installed model current after checking it; the old current becomes previous.
 
         ``smoke`` is the :class:`~device_agents.smoke.SmokePool` that runs the check in a child
         process (the agent passes its long-lived, warm one; by default a new one is made). ``delegate`` and
         ``options`` are the agent's; the model runs with those its variant takes (:meth:`delegate_for`: a CPU
-        variant on the CPU where ``delegate`` is the Edge TPU).
+        variant on the CPU where ``delegate`` is the Edge TPU). ``deadline`` (unix time, the command's expiry): the
+        smoke check gets no longer than what is left of it, and no switch is made after it (the sender stopped waiting
+        for the answer: a switch then would be one it never hears of).
 
         Returns:
             ``{"current": sha, "previous": sha|None, "changed": bool, "smoke": {...}}``.
 
         Raises:
             StoreError: not installed, sha256 mismatch, its format's runtime is not installed here (the
-                message says how to install it), or the smoke inference failed (nothing changed).
+                message says how to install it), the smoke inference failed, or ``deadline`` passed (nothing changed).
         """
         path = self.verify(sha256)
         old = self.current()
@@ -674,12 +677,29 @@ class ModelStore:
             )
 
             smoke = SmokePool()
+        if deadline is not None:
+            timeout = min(timeout, self._left(sha256, deadline, "before its smoke check"))
         try:
             checked = smoke(path, runtime=runtime, delegate=delegate, options=options, threads=threads, timeout=timeout)
         except SmokeFailed as exc:
             raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
+        if deadline is not None:
+            self._left(sha256, deadline, "after its smoke check passed")
         previous = self._switch(sha256, old)
         return {"current": sha256, "previous": previous, "changed": True, "smoke": checked}
+
+    @staticmethod
+    def _left(sha256: str, deadline: float, when: str) -> float:
+        """Return the seconds left before ``deadline`` (unix time).
+
+        Raises:
+            StoreError: none are left (``when`` says at which step); nothing was switched.
+        """
+        left = deadline - time.time()
+        if left <= 0:
+            raise StoreError(f"activation of model {sha256[:12]} expired {-left:.1f} s {when} (the sender stopped "
+                             "waiting for the answer); nothing changed")
+        return left
 
     def delegate_for(self, sha256: str, delegate: str,
                      options: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:

@@ -71,6 +71,37 @@ def test_a_model_failing_its_smoke_inference_never_becomes_current(store, tmp_pa
     assert store.current() is None and not (store.root / "current").exists()
 
 
+def test_an_activation_past_its_commands_expiry_switches_nothing_and_its_smoke_check_gets_only_what_is_left(
+        store, tmp_path, monkeypatch):
+    """A command's activation used to switch whenever its turn and smoke check ended, after the host had stopped
+    waiting and reported that the device still ran its previous model. The smoke check now gets no longer than what is
+    left before the command's expiry, and nothing is switched once it passed."""
+    import time
+
+    monkeypatch.setattr("device_agents.runtimes.get_runtime", lambda *a, **k: None)
+    (a, sha_a), (b, sha_b) = model_file(tmp_path, b"model-a", "a.tflite"), model_file(tmp_path, b"model-b", "b.tflite")
+    for path in (a, b):
+        store.install(path, variant=path.stem, model="m")
+    store.activate(sha_a, smoke=lambda *a, **k: {})
+    timeouts = []
+
+    def slow(*args, timeout, **kw):  # the check ends after the host stopped waiting
+        timeouts.append(timeout)
+        time.sleep(0.3)
+        return {"ok": True}
+
+    with pytest.raises(StoreError) as caught:
+        store.activate(sha_b, smoke=slow, deadline=time.time() + 0.2)
+    assert str(caught.value).startswith(f"activation of model {sha_b[:12]} expired ")
+    assert str(caught.value).endswith(" s after its smoke check passed (the sender stopped waiting for the answer); "
+                                      "nothing changed")
+    assert 0 < timeouts[0] <= 0.2 and store.current() == sha_a
+    with pytest.raises(StoreError, match="expired .* before its smoke check"):
+        store.activate(sha_b, smoke=slow, deadline=time.time() - 1)
+    assert len(timeouts) == 1 and store.current() == sha_a  # not even checked
+    assert store.activate(sha_b, smoke=slow, deadline=time.time() + 60)["current"] == sha_b
+    assert 59 < timeouts[1] <= 60
+
 def test_rollback_needs_a_previous_model_and_resolve_names_what_is_there(store, tmp_path):
     with pytest.raises(StoreError, match="no previous model"):
         store.rollback()
@@ -1350,6 +1381,11 @@ def test_the_agents_own_bench_and_activation_take_their_edge_tpu_turn_after_acti
                                          f"a model it checks or loads ({root}/edgetpu.lock taken for 0.5 s: the "
                                          "running agent, or edgekit-agent activate or bench); retry once it ends")
             assert store.current() == first
+            monkeypatch.setattr("device_agents.service.ACTIVATE_TURN_WAIT_S", 60)
+            t0 = time.monotonic()
+            with pytest.raises(AcceleratorBusy):  # a command's wait ends at its expiry: the host stops waiting then
+                agent._activate(third, expires=time.time() + 0.3)
+            assert time.monotonic() - t0 < 10 and store.current() == first
             bencher.start()
             assert wait(lambda: failed or waits_its_turn(os.getpid(), root), 30)
             time.sleep(0.5)
