@@ -88,6 +88,12 @@ LOG_MAX_BYTES = 5_000_000
 REPORT_RETRY_S = 1.0
 
 
+def _until(wait_s: float, expires: float | None) -> float:
+    """Return the seconds to wait for an Edge TPU turn: ``wait_s``, less what is left before a command's ``expires``
+    (unix time; None: no expiry), never below 0."""
+    return wait_s if expires is None else max(0.0, min(wait_s, expires - time.time()))
+
+
 class Agent:
     """One device's agent. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT)."""
 
@@ -601,8 +607,8 @@ class Agent:
                 failed, crashed or was killed by its watchdog (the model's sha256, the step and the reason said).
             DataFileError: the eval set does not fit the model. RuntimeUnavailable: no runtime for it here.
             CommandError: its ``min_seconds`` is not below this agent's ``bench.total_timeout_s``.
-            AcceleratorBusy: on the Edge TPU, `edgekit-agent activate`'s turn did not end within ``TURN_WAIT_S``, or
-                serving is paused for its child.
+            AcceleratorBusy: on the Edge TPU, `edgekit-agent activate`'s turn did not end within ``TURN_WAIT_S`` (or
+                before the command expired: it is not run for nobody), or serving is paused for its child.
         """
         a = cmd.args
         overrides = {k: a[k] for k in ("warmup", "min_runs", "min_seconds", "threads") if k in a}
@@ -615,7 +621,7 @@ class Agent:
         path = self.store.verify(sha)
         settings = self._settings_for(sha, settings)  # the record names the delegate that ran it
         try:
-            with self._accelerator_for_child(settings, f"bench of model {sha[:12]}", TURN_WAIT_S):
+            with self._accelerator_for_child(settings, f"bench of model {sha[:12]}", _until(TURN_WAIT_S, cmd.expires)):
                 # a model that fails on zeros is named so, as at activation; stopping the agent ends that child too
                 self._loads_in_child(path, sha, settings, cancel=self._stop)
                 # in a child, watched: a model that loops or crashes on the eval samples costs the child, not the agent
@@ -758,8 +764,7 @@ class Agent:
             atomic_write(self.store.root / "candidates.json", json.dumps(sorted(keep)).encode())
         b = self.cfg.bench
         child = self._settings_for(sha, b) if sha != self.store.current() else None  # current: no check, no child
-        wait_s = ACTIVATE_TURN_WAIT_S if expires is None else min(ACTIVATE_TURN_WAIT_S, expires - time.time())
-        with self._accelerator_for_child(child, f"smoke check of model {sha[:12]}", max(wait_s, 0.0)):
+        with self._accelerator_for_child(child, f"smoke check of model {sha[:12]}", _until(ACTIVATE_TURN_WAIT_S, expires)):
             result = self.store.activate(sha, runtime=b.runtime, delegate=b.delegate, options=b.delegate_options,
                                          threads=b.threads, smoke=self.smoke, deadline=expires)
         if result["smoke"] is not None:  # checked with the settings it is served with: not again
