@@ -40,6 +40,7 @@ from device_agents.content_length import DIGITS, byte_count
 from device_agents.disk import durable_replace, is_out_of_space, sha256_of
 from device_agents.errors import DeviceError
 from edgekit_protocol.desired import MIN_BYTES_S
+from edgekit_protocol.labels import clip, printable
 
 CHUNK = 64 * 1024
 MAX_REDIRECTS = 5
@@ -413,13 +414,17 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
 
 
 def _reason(exc: BaseException) -> str:
+    """Return why a connect, request or read failed, in a few words on one line: what the store sent (a status line
+    that is not HTTP's, up to 64 kB with its line end) is quoted short, its control characters escaped."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
         return f"name not resolved: {exc.strerror or exc}"
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, http.client.BadStatusLine) and not isinstance(exc, http.client.RemoteDisconnected):
+        return f"not an HTTP status line: '{clip(printable(str(exc).strip()), 80)}'"
+    return clip(printable(str(exc) or type(exc).__name__), 200)
 
 
 def _total_of(resp: http.client.HTTPResponse) -> tuple[int | None, int | None]:
@@ -493,8 +498,8 @@ def _receive(url: str, partial: Path, offset: int, conn: http.client.HTTPConnect
             raise FetchError(f"{url}: not in the store (HTTP 404); publish it with `edgekit publish` or check the "
                              "store URL and hash")
         if resp.status not in (200, 206):
-            raise FetchError(f"{url}: the store answered HTTP {resp.status} {str(resp.reason)[:80]}; check the store's "
-                             "server and its logs, then fetch again")
+            raise FetchError(f"{url}: the store answered HTTP {resp.status} {clip(printable(resp.reason), 80)}; check "
+                             "the store's server and its logs, then fetch again")
         start, total = _total_of(resp)
         if resp.status == 206 and start != offset:
             partial.unlink(missing_ok=True)  # a range we did not ask for: start over on the next attempt

@@ -562,6 +562,12 @@ def _endless(conn):
     # a redirect to a file on the device
     (lambda c: c.sendall(b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n"),
      "file:///etc/passwd: not an http:// or https:// URL", 0),
+    # not HTTP (the store URL's port is an SSH server's), or a status line of 60 kB with terminal escapes: quoted short,
+    # on one line (the line end and all went into the error, and the agent's report kept its first line only)
+    (b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+     "does not answer (not an HTTP status line: 'SSH-2.0-OpenSSH_9.2p1 Debian-2'); check the store URL", 0),
+    (b"\x1b]52;c;" + b"A" * 60_000 + b"\r\n", "does not answer (not an HTTP status line: '\\x1b]52;c;AAAA", 0),
+    (b"HTTP/1.1 500 \x1b[2J\x0bgone\r\nContent-Length: 0\r\n\r\n", "answered HTTP 500 \\x1b[2J\\x0bgone; check", 0),
 ])
 def test_a_hostile_store_is_refused_in_one_line_and_leaves_only_a_resumable_partial(raw_store, tmp_path, answer,
                                                                                     error, partial_kept):
@@ -572,6 +578,7 @@ def test_a_hostile_store_is_refused_in_one_line_and_leaves_only_a_resumable_part
     with pytest.raises(FetchError, match=re.escape(error)) as caught:
         fetch(artifact_url(url, SHA), SHA, dest, max_bytes=len(DATA), timeout_s=5, max_seconds=30)
     assert "\n" not in str(caught.value) and (url in str(caught.value) or "file://" in str(caught.value))
+    assert "\x1b" not in str(caught.value) and len(str(caught.value)) < 500
     assert not dest.exists()
     partial = partial_path(dest)
     assert (partial.stat().st_size if partial.exists() else 0) == partial_kept
