@@ -40,6 +40,7 @@ from device_agents.content_length import DIGITS, byte_count
 from device_agents.disk import durable_replace, is_out_of_space, sha256_of
 from device_agents.errors import DeviceError
 from edgekit_protocol.desired import MIN_BYTES_S
+from edgekit_protocol.labels import clip, printable
 
 CHUNK = 64 * 1024
 MAX_REDIRECTS = 5
@@ -153,12 +154,13 @@ def _checked_sha(sha256: str, url: str) -> str:
 
 
 class _Watchdog:
-    """Ends a request's reads when ``cancel`` is set or ``deadline`` (``time.monotonic()``) passes.
+    """Ends a request's connect, TLS handshake and reads when ``cancel`` is set or ``deadline``
+    (``time.monotonic()``) passes.
 
-    A store can hold a read for up to ``timeout_s`` (silent), or for ever (one byte of an endless header
-    every few seconds: each read returns in time and http.client parses the headers in one call); the
-    checks between two body reads cannot see either. A thread (only when there is something to watch)
-    shuts the socket of the connection being read down, so the blocked read returns at once; ``fired``
+    A store can hold a connect, a handshake or a read for up to ``timeout_s`` (silent), or for ever (one byte of
+    an endless header every few seconds: each read returns in time and http.client parses the headers in one call);
+    the checks between two body reads cannot see either. A thread (only when there is something to watch)
+    shuts the socket of the connection down, so the blocked connect or read returns at once; ``fired``
     then says why (:data:`CANCELLED` or :data:`TOO_SLOW`), and the caller takes whatever the read did as
     that cut, never as the end of the body.
     """
@@ -184,36 +186,44 @@ class _Watchdog:
             return TOO_SLOW
         return None
 
-    def watch(self, conn: http.client.HTTPConnection) -> None:
-        """Watch ``conn``'s socket (connected; a redirect's next one replaces it); returns None.
+    def watch(self, sock: socket.socket) -> None:
+        """Watch ``sock``, a request's TCP socket, from before its connect (a redirect's next one replaces it);
+        returns None.
 
-        The socket itself is kept: http.client hands it to the response and forgets it (``conn.sock``
-        is None) when the body ends with the connection.
+        A duplicate of it is kept (and closed by the next :meth:`watch` or :meth:`close`): the TLS handshake takes
+        the socket's descriptor over, and http.client forgets the socket when the body ends with the connection, but
+        shutting the duplicate down ends the connect, the handshake and every read on the same connection.
         """
+        if self._thread is None:  # nothing to watch for
+            return
         with self._lock:
-            self._sock = conn.sock
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = sock.dup()
             if self.fired is not None:
                 _shut(self._sock)
 
     def _run(self) -> None:
         while not self._done.wait(self.POLL_S):
-            why = self.due()
-            if why is not None:
+            why = self.fired or self.due()
+            if why is not None:  # shut at every poll once fired: a socket not yet connecting ignores the first
                 with self._lock:
                     self.fired = why
                     _shut(self._sock)
-                return
 
     def close(self) -> None:
         """Stop watching; returns None."""
         self._done.set()
         if self._thread is not None:
             self._thread.join()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def _shut(sock: socket.socket | None) -> None:
-    """Shut ``sock`` down (a read blocked on it returns); closing is left to its owner. A TLS socket is
-    shut at the TCP level (``SSLSocket.shutdown`` would drop its TLS state under the reading thread)."""
+    """Shut ``sock`` down at the TCP level (a connect, TLS handshake or read blocked on the same connection returns;
+    ``SSLSocket.shutdown`` would drop its TLS state under the reading thread); closing is left to its owner."""
     if sock is not None:
         try:
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -221,7 +231,43 @@ def _shut(sock: socket.socket | None) -> None:
             pass
 
 
-def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcvbuf: int | None) -> http.client.HTTPConnection:
+def _socket_to(host: str, port: int, timeout_s: float, rcvbuf: int | None, watchdog: _Watchdog | None) -> socket.socket:
+    """Return a TCP connection to ``host:port``, each address the name has tried in turn (as
+    :func:`socket.create_connection` does), each socket handed to ``watchdog`` before its connect: a cancel or the
+    deadline ends the connect, and the TLS handshake after it, at once (each could otherwise take ``timeout_s``).
+
+    Raises:
+        OSError: the name is not resolved, the connect is refused, unreachable, timed out, or ended by the watchdog
+            (its ``fired`` says why).
+    """
+    error: OSError | None = None
+    for family, kind, proto, _name, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if rcvbuf:  # before the connect: the window it offers is set at the handshake
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout_s)
+            if watchdog is not None:
+                watchdog.watch(sock)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+            if watchdog is not None and watchdog.fired:
+                break
+    raise error if error is not None else OSError(f"{host} has no address")
+
+
+def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcvbuf: int | None,
+             watchdog: _Watchdog | None = None) -> http.client.HTTPConnection:
+    """Return a connection to ``url``'s host, connected (and its TLS handshake done for ``https://``), watched by
+    ``watchdog`` from before the connect.
+
+    Raises:
+        FetchError: not an http(s) URL, or a bad one. ssl.SSLError: the TLS handshake failed. OSError: see
+            :func:`_socket_to`.
+    """
     try:
         parts = urlsplit(url)
         parts.hostname and parts.hostname.encode("idna")  # a name IDNA cannot encode fails here, as one line
@@ -234,13 +280,19 @@ def _connect(url: str, timeout_s: float, ssl_context: ssl.SSLContext | None, rcv
     except ValueError:
         raise FetchError(f"{url}: bad port in the URL; check the store URL") from None
     if parts.scheme == "https":
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname, port, timeout=timeout_s, context=ssl_context or ssl.create_default_context())
+        context = ssl_context or ssl.create_default_context()
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout_s,
+                                                                       context=context)
     else:
         conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout_s)
-    conn.connect()
-    if rcvbuf:
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock = _socket_to(conn.host, conn.port, timeout_s, rcvbuf, watchdog)  # what conn.connect() would do, watched
+    if parts.scheme == "https":
+        try:
+            sock = context.wrap_socket(sock, server_hostname=conn.host)
+        except BaseException:
+            sock.close()
+            raise
+    conn.sock = sock
     return conn
 
 
@@ -311,13 +363,15 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
         if watchdog is not None and watchdog.due():
             return watchdog.due() or TOO_SLOW
         try:
-            conn = _connect(url, timeout_s, ssl_context, rcvbuf)
+            conn = _connect(url, timeout_s, ssl_context, rcvbuf, watchdog)
         except FetchError:
             raise
-        except ssl.SSLError as exc:
-            raise FetchError(f"{url}: TLS failed ({exc.reason or exc}); check the store's certificate and the "
-                             "device's CA bundle") from None
         except (OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
+            if watchdog is not None and watchdog.fired:
+                return watchdog.fired  # it ended the connect or the TLS handshake, not the store
+            if isinstance(exc, ssl.SSLError):
+                raise FetchError(f"{url}: TLS failed ({exc.reason or exc}); check the store's certificate and the "
+                                 "device's CA bundle") from None
             raise FetchError(f"{url}: the store does not answer ({_reason(exc)}); check the store URL and that its "
                              "server runs, then fetch again") from None
         host = (urlsplit(url).hostname or "").lower()
@@ -332,8 +386,6 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
                 raise FetchError(f"{first_url}: the store redirected the device to {where} ({url[:120]} at {ip}), "
                                  f"where local services listen and the store named ({first_host[:120]}) is not; fix "
                                  "the store's (or CDN's) redirect, or name that host in the store URL")
-        if watchdog is not None:
-            watchdog.watch(conn)
         try:
             conn.request("GET", _target(url), headers={"User-Agent": USER_AGENT, **headers})
             resp = conn.getresponse()
@@ -362,13 +414,17 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
 
 
 def _reason(exc: BaseException) -> str:
+    """Return why a connect, request or read failed, in a few words on one line: what the store sent (a status line
+    that is not HTTP's, up to 64 kB with its line end) is quoted short, its control characters escaped."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
         return f"name not resolved: {exc.strerror or exc}"
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, http.client.BadStatusLine) and not isinstance(exc, http.client.RemoteDisconnected):
+        return f"not an HTTP status line: '{clip(printable(str(exc).strip()), 80)}'"
+    return clip(printable(str(exc) or type(exc).__name__), 200)
 
 
 def _total_of(resp: http.client.HTTPResponse) -> tuple[int | None, int | None]:
@@ -442,8 +498,8 @@ def _receive(url: str, partial: Path, offset: int, conn: http.client.HTTPConnect
             raise FetchError(f"{url}: not in the store (HTTP 404); publish it with `edgekit publish` or check the "
                              "store URL and hash")
         if resp.status not in (200, 206):
-            raise FetchError(f"{url}: the store answered HTTP {resp.status} {str(resp.reason)[:80]}; check the store's "
-                             "server and its logs, then fetch again")
+            raise FetchError(f"{url}: the store answered HTTP {resp.status} {clip(printable(resp.reason), 80)}; check "
+                             "the store's server and its logs, then fetch again")
         start, total = _total_of(resp)
         if resp.status == 206 and start != offset:
             partial.unlink(missing_ok=True)  # a range we did not ask for: start over on the next attempt

@@ -294,6 +294,39 @@ def test_a_silent_store_is_left_at_a_cancel_and_the_bytes_received_are_kept(stor
     assert partial_path(dest).read_bytes() == DATA[:1] and not dest.exists()
 
 
+def _tls_trickle(conn):
+    """Answer a ClientHello with the header of a 16 kB TLS record, then its bytes one every 0.2 s (a minute at most)."""
+    conn.sendall(b"\x16\x03\x03\x40\x00")
+    for _ in range(300):
+        conn.sendall(b"\x00")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("store", ["connect", "tls"])
+def test_a_store_that_never_takes_the_connect_or_trickles_its_tls_handshake_is_left_at_the_deadline_or_a_cancel(
+        store, request, tmp_path):
+    """The connect and the TLS handshake were made before the watchdog watched the socket: a store (or whoever sits
+    on the path) that drops the SYN, or sends its handshake a byte at a time, held the download for the whole
+    timeout_s (up to 600 s in a desired state) past max_seconds and past a cancel (a newer desired state, an abort's
+    hold, the agent stopping), and then ended as 'the store does not answer (timed out)'."""
+    if store == "connect":
+        url = f"http://127.0.0.1:{request.getfixturevalue('silent_port')}"
+    else:
+        raw = request.getfixturevalue("raw_store")
+        raw["answer"], url = _tls_trickle, raw["url"].replace("http://", "https://")
+    url = artifact_url(url, SHA)
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match="took longer than 1 s"):
+        fetch(url, SHA, tmp_path / "a.bin", timeout_s=20, max_seconds=1.0)
+    assert time.monotonic() - t0 < 4
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(FetchError, match="cancelled"):
+        fetch(url, SHA, tmp_path / "b.bin", timeout_s=20, cancel=cancel)
+    assert time.monotonic() - t0 < 3 and not (tmp_path / "b.bin").exists()
+
+
 @pytest.mark.parametrize("where", ["http://a..b/x", "http://[::1/x", "http://xn--/x"])
 def test_a_redirect_to_a_url_that_cannot_be_one_is_a_fetch_error(store, tmp_path, where):
     store.location = where
@@ -529,6 +562,12 @@ def _endless(conn):
     # a redirect to a file on the device
     (lambda c: c.sendall(b"HTTP/1.1 302 Found\r\nLocation: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n"),
      "file:///etc/passwd: not an http:// or https:// URL", 0),
+    # not HTTP (the store URL's port is an SSH server's), or a status line of 60 kB with terminal escapes: quoted short,
+    # on one line (the line end and all went into the error, and the agent's report kept its first line only)
+    (b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+     "does not answer (not an HTTP status line: 'SSH-2.0-OpenSSH_9.2p1 Debian-2'); check the store URL", 0),
+    (b"\x1b]52;c;" + b"A" * 60_000 + b"\r\n", "does not answer (not an HTTP status line: '\\x1b]52;c;AAAA", 0),
+    (b"HTTP/1.1 500 \x1b[2J\x0bgone\r\nContent-Length: 0\r\n\r\n", "answered HTTP 500 \\x1b[2J\\x0bgone; check", 0),
 ])
 def test_a_hostile_store_is_refused_in_one_line_and_leaves_only_a_resumable_partial(raw_store, tmp_path, answer,
                                                                                     error, partial_kept):
@@ -539,6 +578,7 @@ def test_a_hostile_store_is_refused_in_one_line_and_leaves_only_a_resumable_part
     with pytest.raises(FetchError, match=re.escape(error)) as caught:
         fetch(artifact_url(url, SHA), SHA, dest, max_bytes=len(DATA), timeout_s=5, max_seconds=30)
     assert "\n" not in str(caught.value) and (url in str(caught.value) or "file://" in str(caught.value))
+    assert "\x1b" not in str(caught.value) and len(str(caught.value)) < 500
     assert not dest.exists()
     partial = partial_path(dest)
     assert (partial.stat().st_size if partial.exists() else 0) == partial_kept

@@ -315,18 +315,23 @@ def test_a_desired_state_that_could_not_be_written_is_not_taken_and_a_retry_take
     assert out["state"] == "converged" and out["revision"] == 2 and store.cur == B
 
 
-def test_a_store_trickling_its_headers_does_not_hold_a_newer_desired_state(tmp_path, trickling_http):
-    """The real download against a store that sends one header byte every 0.2 s (a loopback server): a
-    newer desired state used to wait behind it (the cancel was looked at only between body reads, and the
-    header phase never ended); now the download ends within a second or so of the newer desired state."""
+@pytest.mark.parametrize("stall", ["trickling_http", "silent_port"])
+def test_a_store_trickling_its_headers_or_never_taking_the_connect_does_not_hold_a_newer_desired_state(
+        tmp_path, request, stall):
+    """The real download against a store that sends one header byte every 0.2 s, or drops every SYN (loopback
+    servers): a newer desired state used to wait behind it (the cancel was looked at only between body reads, and
+    the header phase never ended; the connect was not watched at all: the desired state's timeout_s, up to 600 s);
+    now the download ends within a second or so of the newer desired state."""
+    store = request.getfixturevalue(stall)
+    store = store if stall == "trickling_http" else f"http://127.0.0.1:{store}"
     rec = Reconciler(tmp_path, FakeStore(), activate=lambda s, k: {}, report=lambda b: None,
                      check_disk=lambda n: None, settings=PullConfig(retry_s=10, max_attempts=3),
                      clock=Clock(), rng=lambda: 0.0)
-    rec.take({**desired(1), "store": trickling_http})
+    rec.take({**desired(1), "store": store})
     assert rec.step()["state"] == "fetching"
     time.sleep(0.5)
-    assert not rec.due()  # the real download is held in its headers
-    rec.take({**desired(2, sha=B), "store": trickling_http})
+    assert not rec.due()  # the real download is held in its headers, or its connect
+    rec.take({**desired(2, sha=B), "store": store})
     t0 = time.monotonic()
     while not rec.due() and time.monotonic() - t0 < 10:
         time.sleep(0.02)
