@@ -173,12 +173,43 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")  # the state after "pid (name) "
 
 
+def boot_time() -> float | None:
+    """Return when this machine booted (unix time: ``btime`` in ``/proc/stat``, whole seconds), or None where there
+    is no such line to read."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def maker_gone(path: Path, pid: int) -> bool:
+    """Return True when ``path``, a leftover named by the ``pid`` of the process that made it, is no longer that
+    process's: no process ``pid`` runs, or ``path`` last changed before this boot (a process of this boot has that pid
+    now: after a power loss the agent itself may get its old pid back). Never raises: a ``path`` gone meanwhile is
+    the maker's no more either.
+
+    A clock set back across the reboot (a Raspberry Pi without a real-time clock, before NTP) can make an old leftover
+    look newer than the boot: it is then kept, as while its maker ran, until that pid is free.
+    """
+    if not pid_alive(pid):
+        return True
+    booted = boot_time()
+    try:
+        return booted is not None and os.lstat(path).st_mtime < booted
+    except OSError:
+        return True
+
+
 _TMP = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 
 def sweep_tmp(folder: Path) -> list[str]:
     """Remove the temporary files of :func:`atomic_write` (``.<name>.<pid>.tmp``) in ``folder`` whose
-    writer no longer runs (killed, or the power went, mid-write).
+    writer no longer runs (killed, or the power went, mid-write: :func:`maker_gone`).
 
     Returns:
         The names removed. Never raises: a file that cannot be removed is tried again next time.
@@ -190,7 +221,7 @@ def sweep_tmp(folder: Path) -> list[str]:
         return removed
     for entry in entries:
         m = _TMP.match(entry.name)
-        if m and not pid_alive(int(m.group(1))) and (entry.is_symlink() or not entry.is_dir()):
+        if m and maker_gone(entry, int(m.group(1))) and (entry.is_symlink() or not entry.is_dir()):
             try:
                 entry.unlink()
                 removed.append(entry.name)

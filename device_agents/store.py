@@ -58,7 +58,7 @@ from device_agents.disk import (
     atomic_write,
     durable_replace,
     fsync_dir,
-    pid_alive,
+    maker_gone,
     read_head,
     sha256_of,
     sweep_tmp,
@@ -265,8 +265,9 @@ class ModelStore:
     def sweep(self) -> list[str]:
         """Remove what a store operation killed mid-way (power loss, SIGKILL) left behind: staging
         folders of installs, folders of removals, temporary links and files in the root. Only the
-        leftovers of processes that no longer run are touched, so an install running in another
-        process keeps its staging folder.
+        leftovers of processes that no longer run are touched (:func:`~device_agents.disk.maker_gone`: one made
+        before this boot is gone, whatever has its pid now), so an install running in another process keeps its
+        staging folder.
 
         Returns:
             The names removed. Never raises: what cannot be removed now is tried again next time.
@@ -278,7 +279,7 @@ class ModelStore:
             entries = []
         for entry in entries:
             m = _LEFTOVER.match(entry.name)
-            if m and not pid_alive(int(m.group(2))):
+            if m and maker_gone(entry, int(m.group(2))):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
         return removed

@@ -1586,3 +1586,28 @@ def test_the_agents_store_commands_start_without_numpy_or_an_interpreter(face, t
         srv.close()
     assert (code, heavy) == (0, []), out
     assert json.loads(out)["live"]["model"] == {"sha256": first, "variant": "fp16"}  # asked over the socket
+
+
+def test_leftovers_of_a_process_of_an_earlier_boot_are_swept_though_a_process_has_its_pid_now(tmp_path):
+    """After a power loss an agent started at boot often gets its old pid back: an install's staging folder and an
+    atomic write's temporary file it left were kept as a running process's (its own), holding the card's space until
+    that model was installed again. What last changed before this boot is swept whatever runs with its pid."""
+    import time
+
+    from device_agents.disk import boot_time
+
+    booted = boot_time()
+    assert booted is not None and booted < time.time()
+    store = ModelStore(tmp_path / "root")
+    store.ensure()
+    mine = os.getpid()
+    old = [store.models / f".{'a' * 64}.staging-{mine}", store.models / f".{'b' * 64}.removing-{mine}",
+           store.root / f".current.{mine}.tmp"]
+    new = [store.models / f".{'c' * 64}.staging-{mine}", store.root / f".previous.{mine}.tmp"]
+    for path in old + new:
+        path.mkdir() if "staging" in path.name or "removing" in path.name else path.write_text("half")
+    for path in old:
+        os.utime(path, (booted - 60, booted - 60))  # the power went a minute before this boot
+    store.ensure()  # as at the agent's start
+    assert [p.exists() for p in old] == [False] * 3
+    assert [p.exists() for p in new] == [True] * 2  # this process's own, in progress
