@@ -19,7 +19,8 @@ push deploy); one that had not is resumed once the broker had a moment to delive
 A device is never left without a working model:
 the new one is activated only through the store's safe activation (hash check, smoke inference in a
 child), and any failure leaves the current model in place, reports ``failed`` with the reason and
-retries with back-off up to ``pull.max_attempts``.
+retries with back-off up to ``pull.max_attempts``; an Edge TPU that another process holds for its turn is no
+failure of the model, and its try is made again after ``pull.retry_s`` without counting.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, Callable
 
 from device_agents.config import store_ca_context
 from device_agents.disk import atomic_write, read_json
+from device_agents.errors import AcceleratorBusy
 from device_agents.store import is_sha256
 from edgekit_protocol.config import PullConfig
 from edgekit_protocol.desired import (
@@ -289,6 +291,8 @@ class Reconciler:
                 smoke = activation.get("smoke") or {}  # what the smoke check timed: smoke.SMOKE_TIMED
                 log.info("desired %s %s is current (smoke check: loaded and one cold invoke() on zeros in %s ms)",
                          d.model, d.variant, smoke.get("load_and_first_invoke_ms"))
+        except AcceleratorBusy as exc:  # another process's turn on the Edge TPU: nothing wrong with the model
+            return self._failed(_line(exc), counted=False)
         except Exception as exc:  # noqa: BLE001 - a failed activation leaves the current model: say why
             return self._failed(_line(exc))
         self.attempt = 0
@@ -422,14 +426,19 @@ class Reconciler:
             return None
         return store_ca_context(self.settings.ca_file)
 
-    def _failed(self, error: str) -> dict[str, Any]:
-        last_try = self.attempt >= self.settings.max_attempts
+    def _failed(self, error: str, counted: bool = True) -> dict[str, Any]:
+        """Record a failed try (``counted`` False: not one of ``pull.max_attempts``, tried again after ``retry_s``),
+        schedule the next one unless it was the last, and report ``failed`` with ``error``; return that report."""
+        if not counted:
+            self.attempt -= 1
+        last_try = counted and self.attempt >= self.settings.max_attempts
         try:
             self._save(converged=False)  # the count of tries survives a restart
         except OSError as exc:
             log.error("could not record the failed try in %s: %s", self.root / DESIRED, exc)
         if not last_try:
-            self.next_at = self.clock() + min(MAX_RETRY_S, self.settings.retry_s * 2 ** (self.attempt - 1))
+            backoff = 2 ** (self.attempt - 1) if counted else 1
+            self.next_at = self.clock() + min(MAX_RETRY_S, self.settings.retry_s * backoff)
         log.error("desired %s: attempt %d failed: %s%s", self.desired.variant if self.desired else "?", self.attempt,
                   error, "; no more retries until the next desired revision" if last_try else "; retrying")
         return self._say("failed", error=error)

@@ -455,3 +455,32 @@ def test_the_log_line_of_a_converged_activation_gives_the_smoke_checks_time_in_w
         assert run(rec)["state"] == "converged"
     line = next(r.getMessage() for r in caplog.records if "is current" in r.getMessage())
     assert line.endswith("is current (smoke check: loaded and one cold invoke() on zeros in 12.5 ms)"), line
+
+
+def test_an_edge_tpu_busy_with_another_processs_turn_is_tried_again_without_using_up_the_attempts(rig):
+    """A desired-state activation answered busy (`edgekit-agent bench --delegate edgetpu` run by hand held the
+    Edge TPU past the agent's turn wait) used one of pull.max_attempts and doubled the back-off, as a broken model does:
+    a few minutes of someone's bench and the desired state was given up until its next revision. Now busy is
+    reported, tried again after pull.retry_s, and not counted."""
+    from device_agents.errors import AcceleratorBusy
+
+    make, store, clock, reports, fetched, activated, fail = rig
+    busy = {"n": 5}
+    rec = make()
+    plain = rec._activate
+
+    def activate(sha, keep):
+        if busy["n"]:
+            busy["n"] -= 1
+            raise AcceleratorBusy("smoke check of model aaaa: another process holds the Edge TPU; retry once it ends")
+        return plain(sha, keep)
+
+    rec._activate = activate
+    rec.take(desired(1))
+    clock.t = rec.next_at
+    for _ in range(5):  # more than max_attempts (3)
+        out = run(rec)
+        assert out["state"] == "failed" and "holds the Edge TPU" in out["error"] and rec.attempt == 0
+        assert rec.next_at - clock.t == 10  # pull.retry_s, not doubled
+        clock.t = rec.next_at
+    assert run(rec)["state"] == "converged" and store.cur == A and activated == [A]
