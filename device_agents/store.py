@@ -68,6 +68,7 @@ from device_agents.errors import (
     NO_ACTIVE_MODEL,
     AcceleratorUnavailable,
     SmokeFailed,
+    SmokeTimedOut,
     StoreError,
 )
 from device_agents.formats import SUFFIX, model_format
@@ -655,7 +656,8 @@ class ModelStore:
 
         Raises:
             StoreError: not installed, sha256 mismatch, its format's runtime is not installed here (the
-                message says how to install it), the smoke inference failed, or ``deadline`` passed (nothing changed).
+                message says how to install it), the smoke inference failed, or ``deadline`` passed (before, during or
+                after the smoke check: a check timed out by it is not said as the model's failure; nothing changed).
         """
         path = self.verify(sha256)
         old = self.current()
@@ -678,11 +680,16 @@ class ModelStore:
             )
 
             smoke = SmokePool()
-        if deadline is not None:
-            timeout = min(timeout, self._left(sha256, deadline, "before its smoke check"))
+        left = timeout if deadline is None else self._left(sha256, deadline, "before its smoke check")
+        cut = left < timeout  # the check gets what is left of the command: its timing out is the expiry's doing
+        timeout = min(timeout, left)
         try:
             checked = smoke(path, runtime=runtime, delegate=delegate, options=options, threads=threads, timeout=timeout)
         except SmokeFailed as exc:
+            if cut and isinstance(exc, SmokeTimedOut) and exc.how != "stopped":
+                raise StoreError(f"activation of model {sha256[:12]} expired during its smoke check, cut to the "
+                                 f"{timeout:.1f} s its command had left (the sender stopped waiting for the answer); "
+                                 "nothing changed") from None
             raise StoreError(f"model {sha256[:12]} failed its smoke inference: {exc}") from None
         if deadline is not None:
             self._left(sha256, deadline, "after its smoke check passed")

@@ -102,6 +102,37 @@ def test_an_activation_past_its_commands_expiry_switches_nothing_and_its_smoke_c
     assert store.activate(sha_b, smoke=slow, deadline=time.time() + 60)["current"] == sha_b
     assert 59 < timeouts[1] <= 60
 
+def test_a_smoke_check_cut_short_by_its_commands_expiry_is_not_said_as_the_models_failure(store, tmp_path,
+                                                                                          monkeypatch):
+    """A smoke check given only what was left of its command (0.2 s) timed out and the activation's error said the
+    model failed its smoke inference, blaming the model for the host's deadline. It now says the activation expired
+    during the check; a check that runs out of its own full time still names the model."""
+    import time
+
+    from device_agents.errors import SmokeTimedOut
+    from device_agents.smoke import seconds
+
+    monkeypatch.setattr("device_agents.runtimes.get_runtime", lambda *a, **k: None)
+    (a, sha_a), (b, sha_b) = model_file(tmp_path, b"model-a", "a.tflite"), model_file(tmp_path, b"model-b", "b.tflite")
+    for path in (a, b):
+        store.install(path, variant=path.stem, model="m")
+    store.activate(sha_a, smoke=lambda *a, **k: {})
+
+    def hangs(*args, timeout, **kw):  # what SmokePool raises for a child that ran out of its time
+        time.sleep(timeout)
+        raise SmokeTimedOut(f"the smoke inference did not finish within {seconds(timeout)} s",
+                            f"did not finish within {seconds(timeout)} s")
+
+    with pytest.raises(StoreError) as caught:
+        store.activate(sha_b, smoke=hangs, deadline=time.time() + 0.2)
+    assert str(caught.value).startswith(f"activation of model {sha_b[:12]} expired during its smoke check, cut to the ")
+    assert "failed" not in str(caught.value) and store.current() == sha_a
+    with pytest.raises(StoreError, match=f"model {sha_b[:12]} failed its smoke inference: the smoke inference did not "
+                                         "finish within 0.2 s"):
+        store.activate(sha_b, smoke=hangs, timeout=0.2, deadline=time.time() + 60)
+    assert store.current() == sha_a
+
+
 def test_rollback_needs_a_previous_model_and_resolve_names_what_is_there(store, tmp_path):
     with pytest.raises(StoreError, match="no previous model"):
         store.rollback()
