@@ -11,7 +11,9 @@ retained status carry the figures (``disk``), which the monitor alerts on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -19,7 +21,7 @@ import re
 import shutil
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from device_agents.errors import DiskFull
 from edgekit_protocol.files import read_head, within_limit
@@ -189,19 +191,48 @@ def boot_time() -> float | None:
 def maker_gone(path: Path, pid: int) -> bool:
     """Return True when ``path``, a leftover named by the ``pid`` of the process that made it, is no longer that
     process's: no process ``pid`` runs, or ``path`` last changed before this boot (a process of this boot has that pid
-    now: after a power loss the agent itself may get its old pid back). Never raises: a ``path`` gone meanwhile is
-    the maker's no more either.
+    now: after a power loss the agent itself may get its old pid back) and no one holds it (:func:`held`). Never
+    raises: a ``path`` gone meanwhile is the maker's no more either.
 
     A clock set back across the reboot (a Raspberry Pi without a real-time clock, before NTP) can make an old leftover
-    look newer than the boot: it is then kept, as while its maker ran, until that pid is free.
+    look newer than the boot: it is then kept, as while its maker ran, until that pid is free. One set forward since
+    (NTP, then) moves the boot time forward too, so a leftover in the making can look older than the boot: the hold
+    keeps it.
     """
     if not pid_alive(pid):
         return True
     booted = boot_time()
     try:
-        return booted is not None and os.lstat(path).st_mtime < booted
-    except OSError:
+        if booted is None or os.lstat(path).st_mtime >= booted:
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # gone meanwhile, or a link (made and renamed at once, never held)
         return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:  # held by the process making it
+        return False
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def held(path: Path) -> Iterator[None]:
+    """Hold ``path`` (a file or folder named by this process's pid, in the making) for the block: :func:`maker_gone`
+    keeps it while held, whatever the clock says (an exclusive flock, ended with the block or the process; where the
+    filesystem takes no flock, the block runs unheld).
+
+    Raises:
+        OSError: ``path`` cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 _TMP = re.compile(r"^\..+\.(\d+)\.tmp$")

@@ -58,6 +58,7 @@ from device_agents.disk import (
     atomic_write,
     durable_replace,
     fsync_dir,
+    held,
     maker_gone,
     read_head,
     sha256_of,
@@ -355,22 +356,23 @@ class ModelStore:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-            if move:
-                shutil.move(src, staging / name)  # a rename on one filesystem: no second copy on the card
-            else:
-                shutil.copyfile(src, staging / name)
-            if eval_file is not None:
-                shutil.copyfile(eval_file, staging / "eval.npz")
-            meta = {"sha256": digest, "variant": variant, "model": model, "bytes": size, "format": fmt,
-                    "installed": time.time(), "eval": "eval.npz" if eval_file is not None else None,
-                    "eval_sha256": eval_digest}
-            (staging / META).write_text(json.dumps(meta, indent=2))
-            for f in staging.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            fsync_dir(staging)  # its entries are on disk before the rename that makes it the model
-            self._discard(target)  # a damaged copy: replaced whole
-            durable_replace(staging, target)
+            with held(staging):  # a sweep meanwhile keeps it, though the clock was set forward since it was made
+                if move:
+                    shutil.move(src, staging / name)  # a rename on one filesystem: no second copy on the card
+                else:
+                    shutil.copyfile(src, staging / name)
+                if eval_file is not None:
+                    shutil.copyfile(eval_file, staging / "eval.npz")
+                meta = {"sha256": digest, "variant": variant, "model": model, "bytes": size, "format": fmt,
+                        "installed": time.time(), "eval": "eval.npz" if eval_file is not None else None,
+                        "eval_sha256": eval_digest}
+                (staging / META).write_text(json.dumps(meta, indent=2))
+                for f in staging.iterdir():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                fsync_dir(staging)  # its entries are on disk before the rename that makes it the model
+                self._discard(target)  # a damaged copy: replaced whole
+                durable_replace(staging, target)
         except OSError as exc:
             if move and not src.exists() and (staging / name).is_file():
                 shutil.move(staging / name, src)  # the caller's file is not lost with the staging folder

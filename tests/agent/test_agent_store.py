@@ -1642,3 +1642,46 @@ def test_leftovers_of_a_process_of_an_earlier_boot_are_swept_though_a_process_ha
     store.ensure()  # as at the agent's start
     assert [p.exists() for p in old] == [False] * 3
     assert [p.exists() for p in new] == [True] * 2  # this process's own, in progress
+
+
+def test_an_install_in_progress_keeps_its_staging_folder_though_the_clock_was_set_forward_since(tmp_path, monkeypatch):
+    """A Raspberry Pi without a real-time clock boots at an old time and NTP sets it forward later, which moves this
+    boot's time (btime) forward too: an install's staging folder made before that looked older than the boot, and a
+    sweep meanwhile (another install's, in this process or another) deleted it under the install, whose file was
+    lost. A staging folder its install holds is now kept, whatever the clock says."""
+    import shutil
+    import threading
+    import time
+
+    store = ModelStore(tmp_path / "root")
+    store.ensure()
+    path, sha = model_file(tmp_path, b"model-a", "a.tflite")
+    copying, go_on = threading.Event(), threading.Event()
+    copy = shutil.copyfile
+
+    def slow_copy(src, dst, *a, **kw):  # the card takes its time
+        copying.set()
+        assert go_on.wait(30)
+        return copy(src, dst, *a, **kw)
+
+    monkeypatch.setattr(shutil, "copyfile", slow_copy)
+    failed = []
+
+    def install() -> None:
+        try:
+            store.install(path, variant="a", model="m")
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            failed.append(exc)
+
+    installer = threading.Thread(target=install)
+    installer.start()
+    try:
+        assert copying.wait(30)
+        staging = store.models / f".{sha}.staging-{os.getpid()}"
+        assert staging.is_dir()
+        monkeypatch.setattr("device_agents.disk.boot_time", lambda: time.time() + 3600)  # NTP set the clock forward
+        assert store.sweep() == [] and staging.is_dir()
+    finally:
+        go_on.set()
+        installer.join(30)
+    assert failed == [] and store.installed()[0]["sha256"] == sha
