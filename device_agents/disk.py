@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -188,22 +189,35 @@ def boot_time() -> float | None:
     return None
 
 
+def started(pid: int) -> float | None:
+    """Return when process ``pid`` started (unix time: this boot's ``btime`` plus its ``starttime`` in
+    ``/proc/<pid>/stat``; up to a second early, never late), or None where either cannot be read (it is gone, no
+    /proc) or the sum is in the future (a ``btime`` that is not the one its ``starttime`` counts from)."""
+    booted = boot_time()
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, counted after "pid (name)"
+    except (OSError, ValueError, IndexError):
+        return None
+    at = None if booted is None else booted + ticks / os.sysconf("SC_CLK_TCK")
+    return at if at is not None and at <= time.time() else None
+
+
 def maker_gone(path: Path, pid: int) -> bool:
     """Return True when ``path``, a leftover named by the ``pid`` of the process that made it, is no longer that
-    process's: no process ``pid`` runs, or ``path`` last changed before this boot (a process of this boot has that pid
-    now: after a power loss the agent itself may get its old pid back) and no one holds it (:func:`held`). Never
-    raises: a ``path`` gone meanwhile is the maker's no more either.
+    process's: no process ``pid`` runs, or ``path`` last changed before the process that has that pid now started
+    (:func:`started`, else this boot: after a power loss, or a container's restart, the agent itself may get its old
+    pid back) and no one holds it (:func:`held`). Never raises: a ``path`` gone meanwhile is the maker's no more either.
 
-    A clock set back across the reboot (a Raspberry Pi without a real-time clock, before NTP) can make an old leftover
-    look newer than the boot: it is then kept, as while its maker ran, until that pid is free. One set forward since
-    (NTP, then) moves the boot time forward too, so a leftover in the making can look older than the boot: the hold
-    keeps it.
+    A clock set back since (a Raspberry Pi without a real-time clock, before NTP) can make an old leftover look newer
+    than that start: it is then kept, as while its maker ran, until that pid is free. One set forward (NTP, then)
+    moves the start forward too, so a leftover in the making can look older: the hold keeps it.
     """
     if not pid_alive(pid):
         return True
-    booted = boot_time()
+    since = started(pid) or boot_time()  # another user's process, under a /proc mounted hidepid: the boot
     try:
-        if booted is None or os.lstat(path).st_mtime >= booted:
+        if since is None or os.lstat(path).st_mtime >= since:
             return False
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:  # gone meanwhile, or a link (made and renamed at once, never held)

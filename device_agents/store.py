@@ -268,7 +268,7 @@ class ModelStore:
         """Remove what a store operation killed mid-way (power loss, SIGKILL) left behind: staging
         folders of installs, folders of removals, temporary links and files in the root. Only the
         leftovers of processes that no longer run are touched (:func:`~device_agents.disk.maker_gone`: one made
-        before this boot is gone, whatever has its pid now), so an install running in another process keeps its
+        before the process that has its pid now started is gone), so an install running in another process keeps its
         staging folder.
 
         Returns:

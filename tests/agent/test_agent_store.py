@@ -1651,7 +1651,8 @@ def test_an_install_in_progress_keeps_its_staging_folder_though_the_clock_was_se
     lost. A staging folder its install holds is now kept, whatever the clock says."""
     import shutil
     import threading
-    import time
+
+    from device_agents.disk import boot_time
 
     store = ModelStore(tmp_path / "root")
     store.ensure()
@@ -1679,9 +1680,29 @@ def test_an_install_in_progress_keeps_its_staging_folder_though_the_clock_was_se
         assert copying.wait(30)
         staging = store.models / f".{sha}.staging-{os.getpid()}"
         assert staging.is_dir()
-        monkeypatch.setattr("device_agents.disk.boot_time", lambda: time.time() + 3600)  # NTP set the clock forward
+        booted = boot_time()
+        assert booted is not None
+        os.utime(staging, (booted - 60, booted - 60))  # made before NTP set the clock forward by more than the uptime
         assert store.sweep() == [] and staging.is_dir()
     finally:
         go_on.set()
         installer.join(30)
     assert failed == [] and store.installed()[0]["sha256"] == sha
+
+
+def test_leftovers_made_before_the_process_that_has_their_pid_now_started_are_swept(tmp_path):
+    """A container's restart does not change the boot time its /proc/stat says (the host's), and its agent gets the
+    same pid again (often 1): what the killed one left (mid-install, out of memory) was kept as the new one's, made
+    after the boot. A leftover is now the pid's process's only if it changed after that process started."""
+    from device_agents.disk import boot_time, started
+
+    mine = os.getpid()
+    since, booted = started(mine), boot_time()
+    assert since is not None and booted is not None and booted < since - 3
+    store = ModelStore(tmp_path / "root")
+    store.ensure()
+    old, new = store.models / f".{'a' * 64}.staging-{mine}", store.models / f".{'c' * 64}.staging-{mine}"
+    for path in (old, new):
+        path.mkdir()
+    os.utime(old, (since - 2, since - 2))  # after this boot, before this process started: the killed agent's
+    assert store.sweep() == [old.name] and new.is_dir()
