@@ -114,12 +114,14 @@ def _checked(decoded: Any, samples: int, where: str) -> list[dict[str, np.ndarra
         try:
             boxes = np.asarray(d["boxes"], dtype=np.float64).reshape(-1, 4)
             scores = np.asarray(d["scores"], dtype=np.float64).reshape(-1)
-            classes = _class_ids(np.asarray(d["classes"]).reshape(-1))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MetricError(f"{where}: sample {i} is not a dict of boxes [K,4], scores [K], classes [K] ({exc})") from None
-        if not (len(boxes) == len(scores) == len(classes)) or not np.all(np.isfinite(boxes)) or not np.all(np.isfinite(scores)):
+            classes = np.asarray(d["classes"], dtype=np.float64).reshape(-1)
+        except Exception as exc:  # noqa: BLE001 - what user code returned: an array per sample raises IndexError
+            raise MetricError(f"{where}: sample {i} is not a dict of boxes [K,4], scores [K], classes [K] "
+                              f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        finite = all(np.all(np.isfinite(a)) for a in (boxes, scores, classes))  # a NaN class id cast to int is noise
+        if not (len(boxes) == len(scores) == len(classes)) or not finite:
             raise MetricError(f"{where}: sample {i} has boxes, scores and classes of different lengths or non-finite values")
-        out.append({"boxes": boxes, "scores": scores, "classes": classes})
+        out.append({"boxes": boxes, "scores": scores, "classes": _class_ids(classes)})
     return out
 
 

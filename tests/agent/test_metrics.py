@@ -145,6 +145,21 @@ def test_a_user_decoder_is_shipped_as_source_and_its_failures_are_named(tmp_path
             spec.scorer().score({"box": np.array([[0.0, 0.0, 1.0, 1.0]])}, labels)
 
 
+
+@pytest.mark.parametrize("returned, said", [
+    ("np.zeros((1, 6))", r"sample 0 is not a dict of boxes \[K,4\], scores \[K\], classes \[K\] \(IndexError: "),
+    ("{'boxes': [[0.0, 0.0, 1.0, 1.0]], 'scores': [1.0], 'classes': [float('nan')]}", "sample 0 has .* non-finite values"),
+])
+def test_a_user_decoder_returning_an_array_per_sample_or_a_nan_class_is_named(tmp_path, returned, said):
+    """An array per sample (not a dict) raised IndexError out of the scorer: a traceback from edgekit compile. A NaN
+    class id was cast to an integer (numpy's warning, 'invalid value encountered in cast', the only word) and scored."""
+    mod = tmp_path / "mydecode.py"
+    mod.write_text(f"import numpy as np\ndef decode(outputs):\n    return [{returned} for _ in outputs['box']]\n")
+    scorer = MetricSpec.build("detection", decode=f"{mod}:decode").scorer()
+    labels = {"boxes": np.array([[[0.0, 0.0, 1.0, 1.0]]]), "classes": np.array([[0]])}
+    with pytest.raises(MetricError, match=f"--decode {mod}:decode: {said}"):
+        scorer.score({"box": np.array([[0.0, 0.0, 1.0, 1.0]])}, labels)
+
 def test_segmentation_miou_and_pixel_accuracy():
     mask = np.array([[[0, 0, 1, 1], [0, 0, 1, 255]]])
     logits = np.zeros((1, 2, 4, 2))
