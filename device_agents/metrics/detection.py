@@ -25,6 +25,7 @@ import numpy as np
 
 from device_agents.errors import MetricError
 from device_agents.metrics.base import Labels, Outputs, Task, need
+from device_agents.metrics.user import call_user
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -148,11 +149,7 @@ class Detection(Task):
         samples = len(next(iter(outputs.values()))) if outputs else 0
         if self.decode is not None:
             where = f"--decode {getattr(self.decode, 'spec', self.decode)}"
-            try:
-                decoded = self.decode(outputs)
-            except Exception as exc:  # noqa: BLE001 - user code: any failure is reported, never fatal
-                raise MetricError(f"{where} raised {type(exc).__name__}: {str(exc)[:200]}") from None
-            return _checked(decoded, samples, where)
+            return _checked(call_user(self.decode, where, outputs), samples, where)
         got = _postprocess_layout(outputs)
         if got is None:
             raise MetricError("--task detection: the outputs are not decoded boxes (TFLite_Detection_PostProcess "

@@ -273,6 +273,32 @@ def test_a_user_metric_that_raises_or_returns_a_non_number_is_a_one_line_error(t
         MetricSpec.build("detect")
 
 
+def test_user_code_prints_on_stderr_and_a_system_exit_in_it_is_a_one_line_error(tmp_path, capsys):
+    """What a --metric or --decode module printed went to stdout, inside `edgekit compile --json`'s document; and a
+    SystemExit in it (a script that parses its command line at import, sys.exit) ended edgekit there: argparse's usage,
+    no error line, no JSON document, its exit code."""
+    mod = tmp_path / "score.py"
+    mod.write_text("import sys\nprint('loading')\n"
+                   "def chatty(o, y):\n    print('scoring')\n    return 0.5\n"
+                   "def quits(o, y):\n    sys.exit(3)\n"
+                   "def decode(o):\n    print('decoding')\n"
+                   "    return [{'boxes': [[0, 0, 1, 1]], 'scores': [1], 'classes': [0]}]\n")
+    assert MetricSpec.build(None, metric=f"{mod}:chatty").scorer().score({"o": np.zeros((2, 1))}, {})["value"] == 0.5
+    spec = MetricSpec.build("detection", decode=f"{mod}:decode")
+    assert spec.scorer().score({"box": np.zeros((1, 4))}, {"boxes": np.array([[[0, 0, 1, 1]]]),
+                                                          "classes": np.array([[0]])})["value"] == 1.0
+    out, err = capsys.readouterr()
+    assert out == "" and "loading" in err and "scoring" in err and "decoding" in err
+    with pytest.raises(MetricError, match=f"--metric {mod}:quits raised SystemExit: 3"):
+        MetricSpec.build(None, metric=f"{mod}:quits").scorer().score({"o": np.zeros((2, 1))}, {})
+    script = tmp_path / "script.py"
+    script.write_text("import argparse\nparser = argparse.ArgumentParser(prog='script')\n"
+                      "parser.add_argument('--model', required=True)\nparser.parse_args()\n"
+                      "def decode(o):\n    return []\n")
+    with pytest.raises(MetricError, match=f"'{script}:decode': the module failed to load \\(SystemExit: 2\\)"):
+        MetricSpec.build("detection", decode=f"{script}:decode")
+
+
 def test_labels_of_strips_the_prefix():
     assert sorted(labels_of({"x": 1, "y": np.zeros(1), "y.boxes": np.zeros(1), "reference": 2})) == ["boxes", "y"]
 
