@@ -33,9 +33,7 @@ class Classification(Task):
         if int(np.prod(y.shape[1:])) != 1:  # before the type: one-hot rows from Keras' to_categorical are floats
             raise MetricError(f"{where}: labels 'y' have shape {y.shape}, several values per sample (one-hot?); "
                               "--task classification takes one integer class per sample: save y.argmax(axis=1)")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise MetricError(f"{where}: labels 'y' are {y.dtype}; --task classification takes one integer class per "
-                              "sample: save y.astype(numpy.int64) (whole numbers) or y.argmax(axis=1) (scores)")
+        need(labels, "y", samples, where, self.key, kind="int")
 
     def class_outputs(self, outputs: Outputs) -> set[str]:
         name = self.options.get("output")

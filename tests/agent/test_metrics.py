@@ -34,15 +34,21 @@ def test_one_hot_class_labels_are_a_one_line_error_not_a_crash_or_a_wrong_top1()
 
 
 
-def test_float_class_labels_one_hot_or_not_are_refused_saying_what_to_save():
+def test_float_labels_one_hot_or_not_are_refused_saying_what_to_save():
     """Float one-hot rows (Keras' to_categorical makes them) were refused as 'must be integers, got float32', with
-    nothing on what to save: the one-hot message was for integer rows only."""
+    nothing on what to save: the one-hot message was for integer rows only; and float labels of any task said nothing
+    on what to save."""
     scorer = MetricSpec.build("classification").scorer()
     with pytest.raises(MetricError, match=r"eval.npz: labels 'y' have shape \(4, 10\), several values per sample "
                                           r"\(one-hot\?\).*save y.argmax\(axis=1\)"):
         scorer.check({"y": np.eye(10, dtype=np.float32)[[1, 2, 3, 4]]}, 4, "eval.npz")
-    with pytest.raises(MetricError, match=r"eval.npz: labels 'y' are float32; .*save y.astype\(numpy.int64\)"):
+    with pytest.raises(MetricError, match=r"eval.npz: labels 'y' must be integers for --task classification, got "
+                                          r"float32; save them as integers, e.g. with .astype\(numpy.int64\)"):
         scorer.check({"y": np.array([1.0, 2.0, 3.0, 4.0], np.float32)}, 4, "eval.npz")
+    with pytest.raises(MetricError, match=r"labels 'y.classes' must be integers for --task detection, got float64; "
+                                          "save them as integers"):
+        MetricSpec.build("detection").scorer().check({"boxes": np.zeros((1, 1, 4)), "classes": np.zeros((1, 1))}, 1,
+                                                     "eval.npz")
 
 def _coco_map(preds, truths):
     """mAP with pycocotools, the reference implementation, on the same boxes."""
