@@ -130,6 +130,8 @@ class Profile(StrictModel):
     @field_validator("name")
     @classmethod
     def _profile_name(cls, name: str) -> str:
+        """Return ``name``. Raises ValueError: it is not :data:`PROFILE_NAME`; the message says the rule and one to
+        give."""
         if not PROFILE_NAME.fullmatch(name):
             like = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "my-device"
             raise ValueError(f"'{name}' is not a profile name (lowercase letters, digits and '-', starting with a letter "
