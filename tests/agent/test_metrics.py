@@ -50,6 +50,16 @@ def test_float_labels_one_hot_or_not_are_refused_saying_what_to_save():
         MetricSpec.build("detection").scorer().check({"boxes": np.zeros((1, 1, 4)), "classes": np.zeros((1, 1))}, 1,
                                                      "eval.npz")
 
+
+@pytest.mark.parametrize("task", ["keypoints", "regression"])
+def test_points_that_are_no_points_say_what_to_use_for_other_targets(task):
+    """A single value per sample (a price) as y.points [N, 1, 1] was refused as 'y.points must be [samples, K, 2 or 3]',
+    nothing on what else scores it."""
+    with pytest.raises(MetricError, match=r"eval.npz: labels 'y.points' must be \[samples, K, 2 or 3\] \(points of 2 "
+                                          rf"or 3 coordinates\) for --task {task}, got \(4, 1, 1\); score other "
+                                          r"targets \(a single value per sample\) with --metric module:function"):
+        MetricSpec.build(task).scorer().check({"points": np.zeros((4, 1, 1))}, 4, "eval.npz")
+
 def _coco_map(preds, truths):
     """mAP with pycocotools, the reference implementation, on the same boxes."""
     from pycocotools.coco import COCO
