@@ -7,6 +7,7 @@ Profiles are YAML files (``profiles/<name>.yaml`` in the source tree, shipped in
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,8 +111,11 @@ class Power(StrictModel):
         return self
 
 
+PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
 class Profile(StrictModel):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: str  # PROFILE_NAME; a file without a name: key is named by its file name (load_profile)
     description: str
     hardware: Hardware
     runtime: Runtime = Runtime()
@@ -122,6 +126,17 @@ class Profile(StrictModel):
     constraints: Constraints = Constraints()
     storage: Storage = Storage()
     power: Power
+
+    @field_validator("name")
+    @classmethod
+    def _profile_name(cls, name: str) -> str:
+        """Return ``name``. Raises ValueError: it is not :data:`PROFILE_NAME`; the message says the rule and one to
+        give."""
+        if not PROFILE_NAME.fullmatch(name):
+            like = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "my-device"
+            raise ValueError(f"'{name}' is not a profile name (lowercase letters, digits and '-', starting with a letter "
+                             f"or digit); give name: {like} (a file without a name: key is named by its file name)")
+        return name
 
     @field_validator("variants")
     @classmethod

@@ -243,9 +243,11 @@ def read_data(path: Path, option: str, inputs: dict[str, tuple[int, ...]], *,
         key = input_key(name, len(inputs))
         a = arrays.get(key, arrays.get(f"x.{name}") if len(inputs) == 1 else None)
         if a is None:
-            want = ", ".join(input_key(n, len(inputs)) for n in inputs)
-            raise DataFileError(f"{path}: {option} has no array '{key}' for input '{name}' (expected: {want}; "
-                                f"found: {found}); save one array per model input")
+            keys = [input_key(n, len(inputs)) for n in inputs]
+            how = "x=..." if keys == ["x"] else "**{" + ", ".join(f"'{k}': ..." for k in keys) + "}"
+            raise DataFileError(f"{path}: {option} has no array '{key}' for input '{name}' (expected: "
+                                f"{', '.join(keys)}; found: {found}); save one array per model input under its key: "
+                                f"numpy.savez(path, {how}) (an array given without a name is saved as arr_0)")
         if not a.shape or a.shape[1:] != tuple(shape):
             raise DataFileError(f"{path}: {option} key '{a.key}' samples have shape {a.shape[1:]} but input "
                                 f"'{name}' takes {tuple(shape)} (the first axis is the sample axis)")

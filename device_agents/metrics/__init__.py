@@ -20,7 +20,7 @@ from device_agents.metrics.classification import Classification
 from device_agents.metrics.detection import Detection
 from device_agents.metrics.keypoints import Keypoints, Regression
 from device_agents.metrics.segmentation import Segmentation
-from device_agents.metrics.user import load_function, read_source
+from device_agents.metrics.user import call_user, load_function, read_source
 
 # regression: the keypoints figures (mean error and PCK over points)
 TASKS: dict[str, type[Task]] = {cls.key: cls for cls in (Classification, Detection, Segmentation, Keypoints, Regression)}
@@ -134,11 +134,7 @@ class Scorer:
         """
         if self.user is not None:
             where = f"--metric {self.spec.metric}"
-            try:
-                result = self.user(dict(outputs), dict(labels))
-            except Exception as exc:  # noqa: BLE001 - user code: reported, never fatal
-                raise MetricError(f"{where} raised {type(exc).__name__}: {str(exc)[:200]}") from None
-            figures = finite_figures(result, where)
+            figures = finite_figures(call_user(self.user, where, dict(outputs), dict(labels)), where)
             headline = next(iter(figures))
         else:
             assert self.task is not None

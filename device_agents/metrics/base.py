@@ -73,7 +73,8 @@ def need(labels: Labels, key: str, samples: int, where: str, task: str, *, kind:
     if a.ndim == 0 or len(a) != samples:
         raise MetricError(f"{where}: labels '{shown}' have {len(a) if a.ndim else 0} rows for {samples} samples")
     if kind == "int" and not np.issubdtype(a.dtype, np.integer):
-        raise MetricError(f"{where}: labels '{shown}' must be integers for --task {task}, got {a.dtype}")
+        raise MetricError(f"{where}: labels '{shown}' must be integers for --task {task}, got {a.dtype}; save them as "
+                          "integers, e.g. with .astype(numpy.int64)")
     if ndim is not None and a.ndim != ndim:
         raise MetricError(f"{where}: labels '{shown}' must have {ndim} axes for --task {task}, got shape {a.shape}")
     return a

@@ -29,10 +29,11 @@ class Classification(Task):
             MetricError: ``y`` is missing, not integers, of another row count, or several values per
                 sample (one-hot rows, which would be read as that many labels).
         """
-        y = need(labels, "y", samples, where, self.key, kind="int")
-        if int(np.prod(y.shape[1:])) != 1:
+        y = need(labels, "y", samples, where, self.key)
+        if int(np.prod(y.shape[1:])) != 1:  # before the type: one-hot rows from Keras' to_categorical are floats
             raise MetricError(f"{where}: labels 'y' have shape {y.shape}, several values per sample (one-hot?); "
                               "--task classification takes one integer class per sample: save y.argmax(axis=1)")
+        need(labels, "y", samples, where, self.key, kind="int")
 
     def class_outputs(self, outputs: Outputs) -> set[str]:
         name = self.options.get("output")

@@ -25,6 +25,7 @@ import numpy as np
 
 from device_agents.errors import MetricError
 from device_agents.metrics.base import Labels, Outputs, Task, need
+from device_agents.metrics.user import call_user
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -114,12 +115,14 @@ def _checked(decoded: Any, samples: int, where: str) -> list[dict[str, np.ndarra
         try:
             boxes = np.asarray(d["boxes"], dtype=np.float64).reshape(-1, 4)
             scores = np.asarray(d["scores"], dtype=np.float64).reshape(-1)
-            classes = _class_ids(np.asarray(d["classes"]).reshape(-1))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MetricError(f"{where}: sample {i} is not a dict of boxes [K,4], scores [K], classes [K] ({exc})") from None
-        if not (len(boxes) == len(scores) == len(classes)) or not np.all(np.isfinite(boxes)) or not np.all(np.isfinite(scores)):
+            classes = np.asarray(d["classes"], dtype=np.float64).reshape(-1)
+        except Exception as exc:  # noqa: BLE001 - what user code returned: an array per sample raises IndexError
+            raise MetricError(f"{where}: sample {i} is not a dict of boxes [K,4], scores [K], classes [K] "
+                              f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        finite = all(np.all(np.isfinite(a)) for a in (boxes, scores, classes))  # a NaN class id cast to int is noise
+        if not (len(boxes) == len(scores) == len(classes)) or not finite:
             raise MetricError(f"{where}: sample {i} has boxes, scores and classes of different lengths or non-finite values")
-        out.append({"boxes": boxes, "scores": scores, "classes": classes})
+        out.append({"boxes": boxes, "scores": scores, "classes": _class_ids(classes)})
     return out
 
 
@@ -146,11 +149,7 @@ class Detection(Task):
         samples = len(next(iter(outputs.values()))) if outputs else 0
         if self.decode is not None:
             where = f"--decode {getattr(self.decode, 'spec', self.decode)}"
-            try:
-                decoded = self.decode(outputs)
-            except Exception as exc:  # noqa: BLE001 - user code: any failure is reported, never fatal
-                raise MetricError(f"{where} raised {type(exc).__name__}: {str(exc)[:200]}") from None
-            return _checked(decoded, samples, where)
+            return _checked(call_user(self.decode, where, outputs), samples, where)
         got = _postprocess_layout(outputs)
         if got is None:
             raise MetricError("--task detection: the outputs are not decoded boxes (TFLite_Detection_PostProcess "

@@ -34,7 +34,9 @@ class Keypoints(Task):
     def check(self, labels: Labels, samples: int, where: str) -> None:
         points = need(labels, "points", samples, where, self.key, ndim=3)
         if points.shape[2] not in (2, 3):
-            raise MetricError(f"{where}: y.points must be [samples, K, 2 or 3], got {points.shape}")
+            raise MetricError(f"{where}: labels 'y.points' must be [samples, K, 2 or 3] (points of 2 or 3 coordinates) "
+                              f"for --task {self.key}, got {points.shape}; score other targets (a single value per "
+                              "sample) with --metric module:function")
         if "visible" in labels:
             visible = need(labels, "visible", samples, where, self.key, ndim=2)
             if visible.shape != points.shape[:2]:

@@ -12,7 +12,9 @@ called ``function(outputs)`` and returns one dict per sample (see :mod:`device_a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -62,8 +64,9 @@ def load_function(source: str, spec: str) -> Callable[..., Any]:
     module = types.ModuleType(f"edgekit_user_{name}")
     module.__file__ = f"<{spec}>"
     try:
-        exec(compile(source, f"{name}.py", "exec"), module.__dict__)  # noqa: S102 - the operator's own metric code
-    except Exception as exc:  # noqa: BLE001 - user code: every failure is reported in one line
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for --json documents
+            exec(compile(source, f"{name}.py", "exec"), module.__dict__)  # noqa: S102 - the operator's own metric code
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: every failure is reported in one line
         raise MetricError(f"'{spec}': the module failed to load ({type(exc).__name__}: {str(exc)[:200]})") from None
     fn = getattr(module, func, None)
     if not callable(fn):
@@ -73,3 +76,18 @@ def load_function(source: str, spec: str) -> Callable[..., Any]:
     except (AttributeError, TypeError):
         pass
     return fn
+
+
+def call_user(fn: Callable[..., Any], where: str, *args: Any) -> Any:
+    """Return ``fn(*args)``, a user function (``--metric``, ``--decode``), with what it prints sent to stderr: stdout
+    carries ``--json`` documents (``edgekit compile``, ``edgekit-agent bench``).
+
+    Raises:
+        MetricError: ``WHERE raised TYPE: message`` for anything it raises, SystemExit included (a script that
+            parses the command line or calls ``sys.exit``); KeyboardInterrupt is left to stop the command.
+    """
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn(*args)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code: reported, never fatal
+        raise MetricError(f"{where} raised {type(exc).__name__}: {str(exc)[:200]}") from None

@@ -33,6 +33,33 @@ def test_one_hot_class_labels_are_a_one_line_error_not_a_crash_or_a_wrong_top1()
     assert scorer.score({"logits": np.eye(10)[[1, 2, 3, 0]]}, {"y": column})["value"] == 0.75
 
 
+
+def test_float_labels_one_hot_or_not_are_refused_saying_what_to_save():
+    """Float one-hot rows (Keras' to_categorical makes them) were refused as 'must be integers, got float32', with
+    nothing on what to save: the one-hot message was for integer rows only; and float labels of any task said nothing
+    on what to save."""
+    scorer = MetricSpec.build("classification").scorer()
+    with pytest.raises(MetricError, match=r"eval.npz: labels 'y' have shape \(4, 10\), several values per sample "
+                                          r"\(one-hot\?\).*save y.argmax\(axis=1\)"):
+        scorer.check({"y": np.eye(10, dtype=np.float32)[[1, 2, 3, 4]]}, 4, "eval.npz")
+    with pytest.raises(MetricError, match=r"eval.npz: labels 'y' must be integers for --task classification, got "
+                                          r"float32; save them as integers, e.g. with .astype\(numpy.int64\)"):
+        scorer.check({"y": np.array([1.0, 2.0, 3.0, 4.0], np.float32)}, 4, "eval.npz")
+    with pytest.raises(MetricError, match=r"labels 'y.classes' must be integers for --task detection, got float64; "
+                                          "save them as integers"):
+        MetricSpec.build("detection").scorer().check({"boxes": np.zeros((1, 1, 4)), "classes": np.zeros((1, 1))}, 1,
+                                                     "eval.npz")
+
+
+@pytest.mark.parametrize("task", ["keypoints", "regression"])
+def test_points_that_are_no_points_say_what_to_use_for_other_targets(task):
+    """A single value per sample (a price) as y.points [N, 1, 1] was refused as 'y.points must be [samples, K, 2 or 3]',
+    nothing on what else scores it."""
+    with pytest.raises(MetricError, match=r"eval.npz: labels 'y.points' must be \[samples, K, 2 or 3\] \(points of 2 "
+                                          rf"or 3 coordinates\) for --task {task}, got \(4, 1, 1\); score other "
+                                          r"targets \(a single value per sample\) with --metric module:function"):
+        MetricSpec.build(task).scorer().check({"points": np.zeros((4, 1, 1))}, 4, "eval.npz")
+
 def _coco_map(preds, truths):
     """mAP with pycocotools, the reference implementation, on the same boxes."""
     from pycocotools.coco import COCO
@@ -145,6 +172,21 @@ def test_a_user_decoder_is_shipped_as_source_and_its_failures_are_named(tmp_path
             spec.scorer().score({"box": np.array([[0.0, 0.0, 1.0, 1.0]])}, labels)
 
 
+
+@pytest.mark.parametrize("returned, said", [
+    ("np.zeros((1, 6))", r"sample 0 is not a dict of boxes \[K,4\], scores \[K\], classes \[K\] \(IndexError: "),
+    ("{'boxes': [[0.0, 0.0, 1.0, 1.0]], 'scores': [1.0], 'classes': [float('nan')]}", "sample 0 has .* non-finite values"),
+])
+def test_a_user_decoder_returning_an_array_per_sample_or_a_nan_class_is_named(tmp_path, returned, said):
+    """An array per sample (not a dict) raised IndexError out of the scorer: a traceback from edgekit compile. A NaN
+    class id was cast to an integer (numpy's warning, 'invalid value encountered in cast', the only word) and scored."""
+    mod = tmp_path / "mydecode.py"
+    mod.write_text(f"import numpy as np\ndef decode(outputs):\n    return [{returned} for _ in outputs['box']]\n")
+    scorer = MetricSpec.build("detection", decode=f"{mod}:decode").scorer()
+    labels = {"boxes": np.array([[[0.0, 0.0, 1.0, 1.0]]]), "classes": np.array([[0]])}
+    with pytest.raises(MetricError, match=f"--decode {mod}:decode: {said}"):
+        scorer.score({"box": np.array([[0.0, 0.0, 1.0, 1.0]])}, labels)
+
 def test_segmentation_miou_and_pixel_accuracy():
     mask = np.array([[[0, 0, 1, 1], [0, 0, 1, 255]]])
     logits = np.zeros((1, 2, 4, 2))
@@ -245,6 +287,32 @@ def test_a_user_metric_that_raises_or_returns_a_non_number_is_a_one_line_error(t
         MetricSpec.build(None, metric=f"{mod}:missing")
     with pytest.raises(MetricError, match="unknown --task 'detect'; did you mean 'detection'"):
         MetricSpec.build("detect")
+
+
+def test_user_code_prints_on_stderr_and_a_system_exit_in_it_is_a_one_line_error(tmp_path, capsys):
+    """What a --metric or --decode module printed went to stdout, inside `edgekit compile --json`'s document; and a
+    SystemExit in it (a script that parses its command line at import, sys.exit) ended edgekit there: argparse's usage,
+    no error line, no JSON document, its exit code."""
+    mod = tmp_path / "score.py"
+    mod.write_text("import sys\nprint('loading')\n"
+                   "def chatty(o, y):\n    print('scoring')\n    return 0.5\n"
+                   "def quits(o, y):\n    sys.exit(3)\n"
+                   "def decode(o):\n    print('decoding')\n"
+                   "    return [{'boxes': [[0, 0, 1, 1]], 'scores': [1], 'classes': [0]}]\n")
+    assert MetricSpec.build(None, metric=f"{mod}:chatty").scorer().score({"o": np.zeros((2, 1))}, {})["value"] == 0.5
+    spec = MetricSpec.build("detection", decode=f"{mod}:decode")
+    assert spec.scorer().score({"box": np.zeros((1, 4))}, {"boxes": np.array([[[0, 0, 1, 1]]]),
+                                                          "classes": np.array([[0]])})["value"] == 1.0
+    out, err = capsys.readouterr()
+    assert out == "" and "loading" in err and "scoring" in err and "decoding" in err
+    with pytest.raises(MetricError, match=f"--metric {mod}:quits raised SystemExit: 3"):
+        MetricSpec.build(None, metric=f"{mod}:quits").scorer().score({"o": np.zeros((2, 1))}, {})
+    script = tmp_path / "script.py"
+    script.write_text("import argparse\nparser = argparse.ArgumentParser(prog='script')\n"
+                      "parser.add_argument('--model', required=True)\nparser.parse_args()\n"
+                      "def decode(o):\n    return []\n")
+    with pytest.raises(MetricError, match=f"'{script}:decode': the module failed to load \\(SystemExit: 2\\)"):
+        MetricSpec.build("detection", decode=f"{script}:decode")
 
 
 def test_labels_of_strips_the_prefix():

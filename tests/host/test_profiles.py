@@ -53,6 +53,23 @@ def test_misspelled_key_names_file_line_key_and_closest_valid_name(tmp_path):
     assert str(exc.value) == f"{path}:6: runtime.delegat: unknown key; did you mean 'delegate'?"
 
 
+@pytest.mark.parametrize("file, text, said", [
+    ("My_Pi.yaml", GOOD.replace("name: mine\n", ""), "My_Pi.yaml:1: name: 'My_Pi' is not a profile name (lowercase "
+     "letters, digits and '-', starting with a letter or digit); give name: my-pi (a file without a name: key is named "
+     "by its file name)"),
+    ("mine.yaml", GOOD.replace("name: mine", "name: Pi 4.v2"), "mine.yaml:1: name: 'Pi 4.v2' is not a profile name "
+     "(lowercase letters, digits and '-', starting with a letter or digit); give name: pi-4-v2"),
+])
+def test_a_name_that_is_no_profile_name_says_the_rule_and_one_to_give(tmp_path, file, text, said):
+    """Said as pydantic's "String should match pattern '^[a-z0-9][a-z0-9-]*$'", nothing on what to do; and for a
+    name taken from the file's name (my_pi.yaml, no name: key) at a line of the file that has no name at all."""
+    path = tmp_path / file
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_profile(path)
+    assert str(exc.value).startswith(f"{tmp_path}/{said}")
+
+
 @pytest.mark.parametrize("extra, line, key", [("constraints: {max_latency_p90_ms: 5000}\n", 11, "constraints"),
                                              ("", 8, "runtime.threads")])
 def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, run_cli, extra, line, key):

@@ -63,6 +63,20 @@ def test_several_inputs_are_keyed_by_name_and_must_agree_on_samples(tmp_path):
         read_reference(path, 3, ["a", "b"])
 
 
+
+@pytest.mark.parametrize("inputs, how", [({"image": (4,)}, "numpy.savez(path, x=...)"),
+                                         ({"image": (4,), "meta": (4,)}, "numpy.savez(path, **{'x.image': ..., "
+                                                                         "'x.meta': ...})")])
+def test_an_array_saved_without_a_name_is_told_how_to_save_it_under_its_key(tmp_path, inputs, how):
+    """numpy.savez(path, x) saves x as arr_0: the line said 'found: arr_0; save one array per model input', nothing
+    on the key to give it or how."""
+    path = tmp_path / "calib.npz"
+    np.savez(path, np.zeros((3, 4), np.float32))
+    with pytest.raises(DataFileError) as exc:
+        read_data(path, "--calib", inputs, labels="ignored")
+    assert str(exc.value).endswith(f"found: arr_0); save one array per model input under its key: {how} (an array "
+                                   "given without a name is saved as arr_0)")
+
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_and_infinity_are_refused_with_the_key_and_first_bad_index(tmp_path, dtype, bad):
