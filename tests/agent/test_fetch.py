@@ -248,16 +248,21 @@ def test_rate_limiter_refuses_nonsense():
 
 def test_a_trickling_store_cannot_hold_a_download_past_its_deadline_or_a_cancel(store, tmp_path):
     store.trickle = 0.2  # one byte every 0.2 s, each read well inside timeout_s: only a whole-call bound helps
-    url = artifact_url(store.url, SHA)
+    _left_at_the_deadline_and_at_a_cancel(artifact_url(store.url, SHA), tmp_path, timeout_s=5, max_bytes_s=2048)
+
+
+def _left_at_the_deadline_and_at_a_cancel(url: str, tmp_path, timeout_s: float, **kw) -> None:
+    """Check that a download of ``url`` a store holds (``fetch``'s ``kw``) ends at its 1 s deadline, then at a
+    cancel after 0.5 s, each within seconds, leaving no file."""
     t0 = time.monotonic()
     with pytest.raises(FetchError, match="took longer than 1 s"):
-        fetch(url, SHA, tmp_path / "a.bin", timeout_s=5, max_seconds=1.0)
+        fetch(url, SHA, tmp_path / "a.bin", timeout_s=timeout_s, max_seconds=1.0)
     assert time.monotonic() - t0 < 4
     cancel = threading.Event()
     threading.Timer(0.5, cancel.set).start()
     t0 = time.monotonic()
     with pytest.raises(FetchError, match="cancelled"):
-        fetch(url, SHA, tmp_path / "b.bin", timeout_s=5, cancel=cancel, max_bytes_s=2048)
+        fetch(url, SHA, tmp_path / "b.bin", timeout_s=timeout_s, cancel=cancel, **kw)
     assert time.monotonic() - t0 < 3 and not (tmp_path / "b.bin").exists()
 
 
@@ -314,17 +319,7 @@ def test_a_store_that_never_takes_the_connect_or_trickles_its_tls_handshake_is_l
     else:
         raw = request.getfixturevalue("raw_store")
         raw["answer"], url = _tls_trickle, raw["url"].replace("http://", "https://")
-    url = artifact_url(url, SHA)
-    t0 = time.monotonic()
-    with pytest.raises(FetchError, match="took longer than 1 s"):
-        fetch(url, SHA, tmp_path / "a.bin", timeout_s=20, max_seconds=1.0)
-    assert time.monotonic() - t0 < 4
-    cancel = threading.Event()
-    threading.Timer(0.5, cancel.set).start()
-    t0 = time.monotonic()
-    with pytest.raises(FetchError, match="cancelled"):
-        fetch(url, SHA, tmp_path / "b.bin", timeout_s=20, cancel=cancel)
-    assert time.monotonic() - t0 < 3 and not (tmp_path / "b.bin").exists()
+    _left_at_the_deadline_and_at_a_cancel(artifact_url(url, SHA), tmp_path, timeout_s=20)
 
 
 @pytest.mark.parametrize("where", ["http://a..b/x", "http://[::1/x", "http://xn--/x"])
