@@ -764,7 +764,8 @@ class Agent:
             atomic_write(self.store.root / "candidates.json", json.dumps(sorted(keep)).encode())
         b = self.cfg.bench
         child = self._settings_for(sha, b) if sha != self.store.current() else None  # current: no check, no child
-        with self._accelerator_for_child(child, f"smoke check of model {sha[:12]}", _until(ACTIVATE_TURN_WAIT_S, expires)):
+        wait_s = _until(ACTIVATE_TURN_WAIT_S, expires)
+        with self._accelerator_for_child(child, f"smoke check of model {sha[:12]}", wait_s):
             result = self.store.activate(sha, runtime=b.runtime, delegate=b.delegate, options=b.delegate_options,
                                          threads=b.threads, smoke=self.smoke, deadline=expires)
         if result["smoke"] is not None:  # checked with the settings it is served with: not again
