@@ -234,8 +234,8 @@ def maker_gone(path: Path, pid: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except OSError:  # held by the process making it
-        return False
+    except OSError as exc:  # held by the process making it; else a filesystem that takes no flock (NFS: EBADF)
+        return exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
     finally:
         os.close(fd)
 

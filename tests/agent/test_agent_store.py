@@ -1723,6 +1723,30 @@ def test_a_leftover_whose_mtime_says_up_to_2_s_before_its_maker_started_is_kept(
     assert sweep_tmp(tmp_path) == [] and tmp.exists()
 
 
+def test_leftovers_of_an_earlier_boot_are_swept_where_the_filesystem_takes_no_flock(tmp_path, monkeypatch):
+    """An NFS root (a network-booted Pi) takes an exclusive flock only on a file open for writing (EBADF otherwise, and
+    always on a folder): the sweep took that refusal for an install holding its leftover, and kept what a process of an
+    earlier boot with the same pid left, for ever. Only a lock held elsewhere (EWOULDBLOCK) keeps it now."""
+    import errno
+    import fcntl
+
+    from device_agents.disk import boot_time
+
+    booted = boot_time()
+    assert booted is not None
+    store = ModelStore(tmp_path / "root")
+    store.ensure()
+    staging = store.models / f".{'a' * 64}.staging-{os.getpid()}"
+    staging.mkdir()
+    os.utime(staging, (booted - 60, booted - 60))
+
+    def nfs_flock(fd, op):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    assert store.sweep() == [staging.name] and not staging.exists()
+
+
 def test_a_fifo_named_as_a_leftover_is_swept_without_waiting_for_a_writer(tmp_path):
     """The sweep opened a leftover to see whether its maker still holds it: a FIFO named as one (pid 1 runs) made
     the open wait for a writer, and the agent's start or install with it, for ever. It is never opened now."""
