@@ -22,6 +22,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from typing import Any, Iterator
 
 from device_agents.errors import DiskFull
@@ -203,11 +204,16 @@ def started(pid: int) -> float | None:
     return at if at is not None and at <= time.time() else None
 
 
+MTIME_SLACK_S = 2.0  # how much earlier than its change a file's mtime may say (FAT keeps even seconds, rounded down)
+
+
 def maker_gone(path: Path, pid: int) -> bool:
     """Return True when ``path``, a leftover named by the ``pid`` of the process that made it, is no longer that
     process's: no process ``pid`` runs, or ``path`` last changed before the process that has that pid now started
     (:func:`started`, else this boot: after a power loss, or a container's restart, the agent itself may get its old
-    pid back) and no one holds it (:func:`held`). Never raises: a ``path`` gone meanwhile is the maker's no more either.
+    pid back; its mtime more than :data:`MTIME_SLACK_S` earlier) and no one holds it (:func:`held`). A leftover that is
+    no file or folder (a FIFO, a device) is never opened. Never raises: a ``path`` gone meanwhile is the maker's no
+    more either.
 
     A clock set back since (a Raspberry Pi without a real-time clock, before NTP) can make an old leftover look newer
     than that start: it is then kept, as while its maker ran, until that pid is free. One set forward (NTP, then)
@@ -217,16 +223,19 @@ def maker_gone(path: Path, pid: int) -> bool:
         return True
     since = started(pid) or boot_time()  # another user's process, under a /proc mounted hidepid: the boot
     try:
-        if since is None or os.lstat(path).st_mtime >= since:
+        st = os.lstat(path)
+        if since is None or st.st_mtime >= since - MTIME_SLACK_S:
             return False
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:  # gone meanwhile, or a link (made and renamed at once, never held)
+        if not (S_ISDIR(st.st_mode) or S_ISREG(st.st_mode)):
+            return True  # a link (made and renamed at once, never held), a FIFO or a device: never opened
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # replaced by a FIFO since: no wait
+    except OSError:  # gone meanwhile
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except OSError:  # held by the process making it
-        return False
+    except OSError as exc:  # held by the process making it; else a filesystem that takes no flock (NFS: EBADF)
+        return exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
     finally:
         os.close(fd)
 

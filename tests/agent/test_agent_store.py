@@ -1704,5 +1704,67 @@ def test_leftovers_made_before_the_process_that_has_their_pid_now_started_are_sw
     old, new = store.models / f".{'a' * 64}.staging-{mine}", store.models / f".{'c' * 64}.staging-{mine}"
     for path in (old, new):
         path.mkdir()
-    os.utime(old, (since - 2, since - 2))  # after this boot, before this process started: the killed agent's
+    os.utime(old, (since - 3, since - 3))  # after this boot, before this process started: the killed agent's
     assert store.sweep() == [old.name] and new.is_dir()
+
+
+def test_a_leftover_whose_mtime_says_up_to_2_s_before_its_maker_started_is_kept(tmp_path):
+    """A FAT card keeps mtimes in even seconds, rounded down: an atomic write's temporary file made in the first
+    seconds of the agent's run can say it changed before the agent started, and another process's sweep deleted it
+    under the write. Only a leftover more than 2 s older than the start is the killed one's."""
+    from device_agents.disk import started, sweep_tmp
+
+    mine = os.getpid()
+    since = started(mine)
+    assert since is not None
+    tmp = tmp_path / f".reported.json.{mine}.tmp"
+    tmp.write_text("half")
+    os.utime(tmp, (since - 1.5, since - 1.5))  # made 0.5 s after the start, as a FAT card records it
+    assert sweep_tmp(tmp_path) == [] and tmp.exists()
+
+
+def test_leftovers_of_an_earlier_boot_are_swept_where_the_filesystem_takes_no_flock(tmp_path, monkeypatch):
+    """An NFS root (a network-booted Pi) takes an exclusive flock only on a file open for writing (EBADF otherwise, and
+    always on a folder): the sweep took that refusal for an install holding its leftover, and kept what a process of an
+    earlier boot with the same pid left, for ever. Only a lock held elsewhere (EWOULDBLOCK) keeps it now."""
+    import errno
+    import fcntl
+
+    from device_agents.disk import boot_time
+
+    booted = boot_time()
+    assert booted is not None
+    store = ModelStore(tmp_path / "root")
+    store.ensure()
+    staging = store.models / f".{'a' * 64}.staging-{os.getpid()}"
+    staging.mkdir()
+    os.utime(staging, (booted - 60, booted - 60))
+
+    def nfs_flock(fd, op):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    assert store.sweep() == [staging.name] and not staging.exists()
+
+
+def test_a_fifo_named_as_a_leftover_is_swept_without_waiting_for_a_writer(tmp_path):
+    """The sweep opened a leftover to see whether its maker still holds it: a FIFO named as one (pid 1 runs) made
+    the open wait for a writer, and the agent's start or install with it, for ever. It is never opened now."""
+    import threading
+
+    from device_agents.disk import boot_time, sweep_tmp
+
+    booted = boot_time()
+    assert booted is not None
+    fifo = tmp_path / ".reported.json.1.tmp"
+    os.mkfifo(fifo)
+    os.utime(fifo, (booted - 60, booted - 60))
+    swept: list[list[str]] = []
+    sweeper = threading.Thread(target=lambda: swept.append(sweep_tmp(tmp_path)), daemon=True)
+    sweeper.start()
+    sweeper.join(10)
+    waited = sweeper.is_alive()
+    if waited:  # let the blocked open end, so the test process can
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        sweeper.join(10)
+    assert not waited and swept == [[fifo.name]] and not fifo.exists()
