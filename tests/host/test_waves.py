@@ -850,9 +850,10 @@ def test_the_run_loop_counts_states_as_they_change_not_over_every_row_at_each_pa
     assert out["state"] == "done" and out["counts"] == {"converged": n - 21, "failed": 20, "fetching": 1, "refused": 1}
     assert rows.walks <= 10, rows.walks
     assert rows.lookups <= 15 * n, rows.lookups  # about 11 a device; 35 when every pass walked the wave
-    # a failure over the threshold stops it at the pass that took the report, the rest never sent
+    # a failure over the threshold stops it at the pass that took the report, the rest never sent: a pass sends 500
+    # at most (after a stall of this loaded machine, all it fell behind by), and 1 of 500 is over 0.1 %
     history = Store(tmp_path / "h2.db")
-    names = planned(history, n=n, waves=(0.5, 1.0), rate_per_s=20_000.0, wave_timeout_s=1.0, max_failed=0.01)
+    names = planned(history, n=n, waves=(0.5, 1.0), rate_per_s=20_000.0, wave_timeout_s=1.0, max_failed=0.001)
     broker = FakeBroker(fail={names[5]})
     out = Rollout(history, "r", broker).run()
-    assert out["state"] == "stopped" and out["counts"]["failed"] == 1 and len(broker.sent) < 200, len(broker.sent)
+    assert out["state"] == "stopped" and out["counts"]["failed"] == 1 and len(broker.sent) <= 500, len(broker.sent)
