@@ -352,6 +352,9 @@ def test_a_fleet_of_thousands_reads_each_profile_once(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="device odd: unknown profile 'rpi9'"):
         load_fleet(write(tmp_path, "fleet.yaml", body + devices + "  - {name: odd, host: 10.9.9.8, profile: rpi9}\n"
                          "  - {name: odd2, host: 10.9.9.7, profile: rpi9}\n"))
+    with pytest.raises(ConfigError, match="device odd: unknown profile 'rpi9'"):  # the file's first error, in its order
+        load_fleet(write(tmp_path, "fleet.yaml", body + devices + "  - {name: odd, host: 10.9.9.8, profile: rpi9}\n"
+                         "  - {name: odd2, host: 10.9.9.7, profile: rpi8}\n"))
 
 
 def test_the_device_names_of_a_large_fleet_are_checked_in_one_pass():
