@@ -158,15 +158,16 @@ class Signer:
             if stat.S_ISDIR(mode):  # a folder is drwxr-xr-x: "readable by others; chmod 600 it" misled
                 raise ConfigError(f"{path}: a folder, not a key file; give an Ed25519 private key in PEM (e.g. the "
                                   "fleet's keys/operator.key)")
-            if mode & 0o077:
-                raise ConfigError(f"{path}: a private key readable by others; {loose_remedy}")
             data = read_bounded(path, SMALL_FILE)  # a PEM key is 119 bytes: a larger file is not read whole
         except OSError as exc:
             raise ConfigError(f"{path}: {exc.strerror or exc}; give an Ed25519 private key in PEM (e.g. the fleet's "
                               "keys/operator.key)") from None
         except ValueError:
             raise ConfigError(f"{path}: over {SMALL_FILE:,} bytes, not an Ed25519 private key in PEM") from None
-        return cls.from_pem(data, str(path))
+        signer = cls.from_pem(data, str(path))  # a file that is no key (a .pub given for the .key) says so first:
+        if mode & 0o077:  # a chmod would not help it
+            raise ConfigError(f"{path}: a private key readable by others; {loose_remedy}")
+        return signer
 
     def pem(self) -> bytes:
         """Return the private key as unencrypted PKCS#8 PEM (to write once, mode 600)."""
