@@ -190,7 +190,8 @@ def test_the_reports_json_lists_each_devices_figures_labelled_bench_or_live(tmp_
                        "msg_id": chosen["msg_id"], "seq": chosen["seq"]}
     assert rows[1] == {"device": "rpi4-1", "source": "live", "variant": "int8", "sha256": "int8" * 4, "requests": 300,
                        "errors": 0, "window": 300, "p50_ms": 0.4, "p90_ms": 0.6, "p99_ms": 1.2,
-                       "clock": "perf_counter_ns from a request read to its answer ready", "msg_id": live["msg_id"], "seq": 5}
+                       "clock": "perf_counter_ns from a request read to its answer ready", "simulated": True,
+                       "msg_id": live["msg_id"], "seq": 5}
 
 
 def test_latency_axis_is_logarithmic_and_holds_the_points_and_the_limit():
@@ -568,6 +569,29 @@ def test_the_fleet_tables_simulated_column_says_what_the_device_said_and_no_more
     rows = {r.split("</td>")[0]: r for r in (tmp_path / "r.html").read_text().split("<h2>Fleet</h2>")[1].split("<tr><td>")[1:]}
     assert rows["rpi4-2"].split("<td>")[-1].startswith("yes") and rows["rpi4-3"].split("<td>")[-1].startswith("no")
     assert rows["rpi4-4"].split("<td>")[-1].startswith("-")
+
+
+def test_the_reports_json_marks_a_simulated_devices_live_figures_as_its_table_does(tmp_path, run_cli):
+    """`report --json`'s live rows had no `simulated` (a live message carries none): a simulated device's serving
+    figures, the simulating machine's, read as a real device's, though the HTML table's column said `yes`."""
+    from edge_kit.telemetry.store import Store
+    from edgekit_protocol import messages
+
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    for seq, (device, said) in enumerate([("rpi4-1", True), ("rpi4-2", False), ("rpi4-3", None)]):
+        status = {"state": "online", **({} if said is None else {"simulated": said})}
+        store.add_many([("status", messages.envelope("status", "sim", device, seq, status)),
+                        ("live", messages.envelope("live", "sim", device, seq, {
+                            "model": {"variant": "int8", "sha256": "int8" * 4}, "requests": 10, "errors": 0,
+                            "window": 10, "latency_ms": {"p50": 0.4, "p90": 0.6, "p99": 1.2}, "clock": "c"}))])
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert {r["device"]: r["simulated"] for r in json.loads(out)["rows"] if r["source"] == "live"} == {
+        "rpi4-1": True, "rpi4-2": False, "rpi4-3": None}
+    page = (tmp_path / "r.html").read_text().split("<h2>Fleet</h2>")[1]
+    assert [r.split("<td>")[-1][:3] for r in page.split("<tr><td>")[1:]] == ["yes", "no<", "-</"]
 
 
 def test_energy_bars_never_average_a_simulated_devices_figure_into_a_real_ones():
