@@ -530,6 +530,29 @@ def test_the_demo_table_says_where_every_column_came_from(capsys):
     assert "no accelerator on this machine: c ran int8 on xnnpack (the CPU)" in text  # the Coral's int8 ran on the CPU
 
 
+def test_the_demo_names_the_clock_each_live_message_names(capsys):
+    """The demo's footer said the live figures were timed "by perf_counter_ns" whatever the agents' live messages
+    said, and --json's live block named no clock at all: now both are the clock the stored message names."""
+    from edge_kit.cli.loop import print_demo
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.demo import APP_REQUESTS, DemoResult
+    from edge_kit.loop.tune import TuneReport
+
+    def row(device, live):
+        return {"device": device, "profile": "rpi4", "variant": "int8", "feasible": True, "violates": [], "p90_ms": 0.5,
+                "latency_method": "clock", "runtime": "litert", "accuracy": 0.99, "accuracy_samples": 360,
+                "energy_mj": 0.1, "power_method": "estimated", "live": {"requests": APP_REQUESTS, "top1": 0.98, **live}}
+
+    served = "perf_counter_ns from a request read to its answer ready (queueing included)"
+    rows = [row("a", {"p50_ms": 0.1, "p99_ms": 0.3, "clock": served}), row("b", {"p50_ms": 0.2, "p99_ms": 0.4}),
+            row("c", {"p50_ms": None, "p99_ms": None, "clock": None, "not_stored": "none within 20 s"})]
+    print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), rows))
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"its service time by clock not named; {served}, from the signed live message" in text
+    print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), rows[2:]))
+    assert "its service time by no clock (none stored), from" in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_demo_table_says_when_a_devices_live_figures_were_not_stored_and_why(capsys):
     """The demo's live figures are the agent's stored, signed live message: when none arrived, the cell says so
     (never figures from elsewhere) and a line under the table says why; the application's top-1 is still shown."""
