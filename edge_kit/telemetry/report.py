@@ -152,7 +152,8 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
         scatter.add_trace(go.Scatter(
             x=[r["latency_ms"]["p90"] for r in picks], y=[scale * _accuracy(r) for r in picks], mode="markers",
             name="chosen", marker={"symbol": "star", "size": 20, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "#111"}},
-            text=[f"{r['device']}: {_label(r['variant'])}" for r in picks], hovertemplate="%{text}<extra>chosen</extra>"))
+            text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}: {_label(r['variant'])}" for r in picks],
+            hovertemplate="%{text}<extra>chosen</extra>"))
     c = profile.constraints
     # A log x axis: the variants of a small model sit at tenths of a millisecond while the profile's
     # limit may be 50 ms; on a linear axis reaching the limit they would all fall on one vertical line.

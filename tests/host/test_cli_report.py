@@ -629,6 +629,18 @@ def test_energy_bars_never_average_a_simulated_devices_figure_into_a_real_ones()
     assert {t.name: list(t.y) for t in bars.data} == {"estimated": [0.5], "estimated, simulated devices": [0.1]}
 
 
+def test_the_chosen_star_says_a_simulated_devices_point_is_simulated_as_its_marker_does():
+    """The variant's marker under the star said "rpi4-2 (simulated)", the star over it "rpi4-2: int8" alone."""
+    from edge_kit.profiles import load_profile
+    from edge_kit.telemetry.report import _profile_figures
+
+    real = {**_bench("rpi4-1", "int8", 0.2, 0.99, 1), "simulated": False}
+    scatter, _bars = _profile_figures(load_profile("rpi4"), [real, _bench("rpi4-2", "int8", 0.3, 0.99, 2)],
+                                      {"rpi4-1": "int8" * 4, "rpi4-2": "int8" * 4})
+    (star,) = [t for t in scatter.data if t.name == "chosen"]
+    assert list(star.text) == ["rpi4-1: int8", "rpi4-2 (simulated): int8"]
+
+
 def test_the_energy_plot_of_one_power_source_still_shows_its_legend():
     """The energy plot's title says "legend: how it was obtained", but plotly hides the legend of a single series:
     a fleet of simulated devices, all estimated, showed bars that said neither estimated nor simulated."""
