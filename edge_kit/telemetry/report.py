@@ -273,9 +273,9 @@ def figure_rows(newest: Newest) -> list[dict[str, Any]]:
     by the clock it names, accuracy, energy and how it was obtained) and ``live`` (its newest ``live`` message:
     the serving API's requests, errors and service-time p50/p90/p99 over its last ``window`` requests, for the
     model it names). Each row names its message (``msg_id``, ``seq``): a record the device signed, as the
-    monitor (or tune) checked and stored it; and ``simulated`` as the fleet table's column says it (:func:`_simulated`:
-    a simulated device's live figures are the simulating machine's too). What a device names is cut to :data:`MAX_NAME_CHARS`; a figure
-    that is no number is None. Sorted by device, ``bench`` before ``live``. ``newest``: :meth:`Newest.read`."""
+    monitor (or tune) checked and stored it; and ``simulated`` as the fleet table's column says it
+    (:func:`_simulated`: a simulated device's live figures are the simulating machine's too). What a device names
+    is cut to :data:`MAX_NAME_CHARS`; a figure that is no number is None. Sorted by device, ``bench`` before ``live``. ``newest``: :meth:`Newest.read`."""
     status, latest, live = newest.status, newest.bench, newest.live
     rows: list[dict[str, Any]] = []
     for device in sorted(set(status) | {d for d, _ in latest} | set(live)):
