@@ -235,9 +235,13 @@ def _store_command(args: argparse.Namespace) -> None:
     elif args.command == "rollback":
         out = store.rollback()
     else:
-        out = {"root": str(store.root), "current": store.describe(store.current()),
-               "previous": store.describe(store.previous()), "installed": store.installed(),
-               "live": live_figures(args.socket) if args.socket else _own_live_figures(store.root)}
+        simulated = _simulated(store.root)
+        live = live_figures(args.socket) if args.socket else _own_live_figures(store.root)
+        if simulated and "measured_by" in live:  # an `edgekit sim` device's figures are the simulating machine's
+            live["measured_by"] += (f"; a simulated device (simulated: true in {store.root / 'agent.yaml'}): measured "
+                                    "on the machine simulating it, not on its profile's hardware")
+        out = {"root": str(store.root), "simulated": simulated, "current": store.describe(store.current()),
+               "previous": store.describe(store.previous()), "installed": store.installed(), "live": live}
     print(json.dumps(out, indent=2, default=str))
 
 
@@ -254,6 +258,16 @@ def _agent_config(root: Path) -> AgentConfig | None:
 
     path = root / "agent.yaml"
     return load_agent_config(path) if os.path.lexists(path) else None
+
+
+def _simulated(root: Path) -> bool | None:
+    """Return whether the agent at ``root`` is a simulated device's, as its agent.yaml says (``simulated``, which
+    ``edgekit sim`` sets), or None without an agent.yaml that loads (nothing says). Never raises."""
+    try:
+        cfg = _agent_config(root)
+    except EdgeKitError:
+        return None
+    return None if cfg is None else cfg.simulated
 
 
 def _serving_socket(root: Path, cfg: AgentConfig | None) -> Path | None:

@@ -328,8 +328,12 @@ def tune_cmd(
     db = open_fleet_history(fleet_file, history)
     with spinner("tuning", as_json) as status:
         report = tune(fleet, targets, opts, db, progress=status.update)
-    if as_json:
-        emit_json(report.as_dict())
+    if as_json:  # the decisions' figures, with where they came from, as select --json says it
+        from edge_kit.manifest import read_manifest
+
+        inferred = any(r.get("source") == "inferred" for d in report.final.values() for r in d.table)
+        metric = (read_manifest(artifacts).eval or {}).get("metric")
+        emit_json({**report.as_dict(), "figures": figures_text(targets, inferred, metric=metric)})
     else:
         print_tune(report)
     if report.deploy.failed or report.silent or report.refused or report.activation_failed:
@@ -390,10 +394,13 @@ def print_demo(result: Any) -> None:
     clocks = latency_clocks(rows)
     samples = sorted({str(r["accuracy_samples"]) for r in rows if r.get("accuracy_samples")})
     methods = sorted({r["power_method"].split(",")[0] for r in result.rows if r["power_method"]})
+    served = sorted({clip(str(r["live"].get("clock") or "clock not named"), 120) for r in result.rows  # each message's
+                     if isinstance(r.get("live"), dict) and r["live"].get("p50_ms") is not None})
     out.print(safe(f"p90: {'; '.join(clocks) or 'not measured'}, on this machine; top-1: the agent, on the eval set "
                    f"shipped with the artifacts ({'/'.join(samples) or '?'} samples); energy: {'; '.join(methods) or 'not measured'}; "
                    "live: the agent's serving API answering a demo application's requests, its service time by "
-                   "perf_counter_ns, from the signed live message it published (stored in the history, labelled live); "
+                   f"{'; '.join(served) or 'no clock (none stored)'}, from the signed live message it published (stored "
+                   "in the history, labelled live); "
                    f"app top-1: that application's own answers to {APP_REQUESTS} eval images, scored on this host "
                    "(not stored)"))
     for r in result.rows:

@@ -72,8 +72,8 @@ def _serve_an_application(fleet: Any, eval_file: Path, store: HistoryStore,
 
     Returns:
         Per device: ``requests``, ``top1`` of the application's own answers against the labels (with
-        ``top1_source``), and from the stored live message ``p50_ms``/``p99_ms`` (the agent's service time,
-        perf_counter_ns), ``served`` (its variant), ``requests_served`` and ``record`` (its ``msg_id``,
+        ``top1_source``), and from the stored live message ``p50_ms``/``p99_ms`` (the agent's service time) with the
+        ``clock`` it names, ``served`` (its variant), ``requests_served`` and ``record`` (its ``msg_id``,
         ``seq``); or ``not_stored`` (why no live message was stored: those figures are then None); or ``error``.
 
     Raises:
@@ -143,9 +143,11 @@ def _serve_an_application(fleet: Any, eval_file: Path, store: HistoryStore,
             why = (f"no live message of its served model covering the application's requests within {LIVE_WAIT_S:.0f} s"
                    + (f"; {refused} message(s) refused (the history's invalid table says why)" if refused else
                       f"; see {fleet.device(device).root}/agent.log"))
-            out[device].update(p50_ms=None, p99_ms=None, served=None, requests_served=None, record=None, not_stored=why)
+            out[device].update(p50_ms=None, p99_ms=None, clock=None, served=None, requests_served=None, record=None,
+                               not_stored=why)
             continue
         out[device].update(p50_ms=field_at(msg, "latency_ms", "p50"), p99_ms=field_at(msg, "latency_ms", "p99"),
+                           clock=field_at(msg, "clock"),
                            served=field_at(msg, "model", "variant"), requests_served=msg["requests"],
                            record={"msg_id": msg["msg_id"], "seq": msg["seq"]})
     return out

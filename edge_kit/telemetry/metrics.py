@@ -58,7 +58,8 @@ ALERT_GAUGES = (
 _POWER_SOURCE = ("its source label says where it came from: the power sensor's key, 'estimated' (the profile's idle_w "
                  "and busy_w scaled by the benchmark's CPU use; the record's power.method gives the model), or "
                  "'not measured'")
-_LIVE = "counted by the device's serving API, from its latest signed live message"
+_LIVE = ("counted by the device's serving API, from its latest signed live message; a simulated device's "
+         "(edgekit_device_simulated 1) by the machine simulating it")
 
 
 class FleetMetrics:
@@ -79,9 +80,10 @@ class FleetMetrics:
         self.accuracy = Gauge("edgekit_accuracy", "Accuracy of the latest benchmark on the shipped eval set, by the "
                               "metric its label names (top1 and every built-in task's: a share, 0-1; a user metric "
                               "on its own scale)", ["device", "variant", "metric"], registry=r)
-        self.simulated = Gauge("edgekit_device_simulated", "1 when the device is simulated: its latency, power, energy and "
-                               "accuracy series are measurements of the machine simulating it, not of its profile's "
-                               "hardware (its latest status or benchmark says so); 0 when it says it is not",
+        self.simulated = Gauge("edgekit_device_simulated", "1 when the device is simulated: its latency, power, energy, "
+                               "accuracy and live (serving and shadow) series are measurements of the machine simulating "
+                               "it, not of its profile's hardware (its latest status or benchmark says so); 0 when it "
+                               "says it is not",
                                ["device"], registry=r)
         self.online = Gauge("edgekit_device_online", "1 when the device's last status says online", ["device"], registry=r)
         self.last_seen = Gauge("edgekit_device_last_seen_seconds", "Unix time (this host's clock) the monitor last stored a message of the device",

@@ -152,7 +152,8 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
         scatter.add_trace(go.Scatter(
             x=[r["latency_ms"]["p90"] for r in picks], y=[scale * _accuracy(r) for r in picks], mode="markers",
             name="chosen", marker={"symbol": "star", "size": 20, "color": "rgba(0,0,0,0)", "line": {"width": 2, "color": "#111"}},
-            text=[f"{r['device']}: {_label(r['variant'])}" for r in picks], hovertemplate="%{text}<extra>chosen</extra>"))
+            text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}: {_label(r['variant'])}" for r in picks],
+            hovertemplate="%{text}<extra>chosen</extra>"))
     c = profile.constraints
     # A log x axis: the variants of a small model sit at tenths of a millisecond while the profile's
     # limit may be 50 ms; on a linear axis reaching the limit they would all fall on one vertical line.
@@ -272,12 +273,14 @@ def figure_rows(newest: Newest) -> list[dict[str, Any]]:
     by the clock it names, accuracy, energy and how it was obtained) and ``live`` (its newest ``live`` message:
     the serving API's requests, errors and service-time p50/p90/p99 over its last ``window`` requests, for the
     model it names). Each row names its message (``msg_id``, ``seq``): a record the device signed, as the
-    monitor (or tune) checked and stored it. What a device names is cut to :data:`MAX_NAME_CHARS`; a figure
-    that is no number is None. Sorted by device, ``bench`` before ``live``. ``newest``: :meth:`Newest.read`."""
+    monitor (or tune) checked and stored it; and ``simulated`` as the fleet table's column says it
+    (:func:`_simulated`: a simulated device's live figures are the simulating machine's too). What a device names
+    is cut to :data:`MAX_NAME_CHARS`; a figure that is no number is None. Sorted by device, ``bench`` before ``live``. ``newest``: :meth:`Newest.read`."""
     status, latest, live = newest.status, newest.bench, newest.live
     rows: list[dict[str, Any]] = []
     for device in sorted(set(status) | {d for d, _ in latest} | set(live)):
         _cur, rec = _running(status.get(device, {}), latest, device)
+        simulated = _simulated(rec, status.get(device, {}))  # the device's, as the fleet table's column says it
         if rec is not None:
             lat = rec.get("latency_ms") if isinstance(rec.get("latency_ms"), dict) else {}
             power = rec.get("power") if isinstance(rec.get("power"), dict) else {}
@@ -285,7 +288,7 @@ def figure_rows(newest: Newest) -> list[dict[str, Any]]:
                          "sha256": _text(rec.get("sha256")), **{f"{q}_ms": _figure(lat.get(q)) for q in ("p50", "p90", "p99")},
                          "clock": _text(rec.get("latency_method")), "runtime": _text(rec.get("runtime")),
                          "accuracy": _accuracy(rec), "energy_mj": _figure(power.get("energy_per_inference_mj")),
-                         "power_source": _power_source(rec), "simulated": rec.get("simulated") if isinstance(rec.get("simulated"), bool) else None,
+                         "power_source": _power_source(rec), "simulated": simulated,
                          "msg_id": rec["msg_id"], "seq": rec["seq"]})
         m = live.get(device)
         if m is not None:
@@ -294,16 +297,22 @@ def figure_rows(newest: Newest) -> list[dict[str, Any]]:
                          "sha256": _text(field_at(m, "model", "sha256")), "requests": _figure(m.get("requests")),
                          "errors": _figure(m.get("errors")), "window": _figure(m.get("window")),
                          **{f"{q}_ms": _figure(lat.get(q)) for q in ("p50", "p90", "p99")},
-                         "clock": _text(m.get("clock")), "msg_id": m["msg_id"], "seq": m["seq"]})
+                         "clock": _text(m.get("clock")), "simulated": simulated, "msg_id": m["msg_id"], "seq": m["seq"]})
     return rows
 
 
-def _simulated_cell(rec: dict[str, Any] | None, status: dict[str, Any]) -> str:
-    """Return the fleet table's "simulated" cell: what the benchmark record, else the device's latest status, says
-    (``yes``/``no``), or "-" when neither says (a device never heard from is not called real)."""
+def _simulated(rec: dict[str, Any] | None, status: dict[str, Any]) -> bool | None:
+    """Return whether a device is simulated as the benchmark record ``rec``, else its latest ``status``, says, or
+    None when neither says (a device never heard from is not called real). Raises nothing."""
     said = (rec or {}).get("simulated")
     said = status.get("simulated") if not isinstance(said, bool) else said
-    return "-" if not isinstance(said, bool) else ("yes" if said else "no")
+    return said if isinstance(said, bool) else None
+
+
+def _simulated_cell(rec: dict[str, Any] | None, status: dict[str, Any]) -> str:
+    """Return the fleet table's "simulated" cell: :func:`_simulated` as ``yes``/``no``, or "-" when nothing says."""
+    said = _simulated(rec, status)
+    return "-" if said is None else ("yes" if said else "no")
 
 
 def _verdict(dec: dict[str, Any] | None) -> str:

@@ -76,6 +76,26 @@ def test_state_says_why_there_are_no_live_figures_when_the_agent_is_not_running(
     assert live["model"] is None and live["clients"] == 0 and live["covers"].startswith("nothing is served")
 
 
+def test_state_says_a_simulated_devices_live_figures_are_the_simulating_machines(face, tmp_path, capsys):
+    """`state` on an `edgekit sim` device said its live figures were measured "on this device", with no word that the
+    device is simulated (its agent.yaml says so): the machine simulating it timed them, not its profile's hardware."""
+    store = ModelStore(tmp_path / "root")
+    store.activate(store.install(face, variant="fp16", model="blazeface").sha256)
+    srv = Server(store.root / "serve.sock", make_interpreter=Interpreters(), max_clients=2).start()
+    try:
+        assert _state(capsys, "--root", str(store.root))["simulated"] is None  # no agent.yaml: nothing says
+        (store.root / "agent.yaml").write_text("device: pi-1\nfleet: f\nsimulated: false\n")
+        state = _state(capsys, "--root", str(store.root))
+        assert state["simulated"] is False and "a simulated device" not in state["live"]["measured_by"]
+        (store.root / "agent.yaml").write_text("device: pi-1\nfleet: f\nsimulated: true\n")
+        state = _state(capsys, "--root", str(store.root))
+    finally:
+        srv.close()
+    assert state["simulated"] is True
+    assert state["live"]["measured_by"].endswith(f"; a simulated device (simulated: true in {store.root / 'agent.yaml'}): "
+                                                 "measured on the machine simulating it, not on its profile's hardware")
+
+
 def test_state_reads_the_socket_agent_yaml_serves_on(face, tmp_path, capsys):
     """`state --help` said the live figures came from agent.yaml's serve.socket when it set one; state read
     <root>/serve.sock whatever agent.yaml said, and called an agent serving elsewhere not running."""

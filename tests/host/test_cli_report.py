@@ -190,7 +190,8 @@ def test_the_reports_json_lists_each_devices_figures_labelled_bench_or_live(tmp_
                        "msg_id": chosen["msg_id"], "seq": chosen["seq"]}
     assert rows[1] == {"device": "rpi4-1", "source": "live", "variant": "int8", "sha256": "int8" * 4, "requests": 300,
                        "errors": 0, "window": 300, "p50_ms": 0.4, "p90_ms": 0.6, "p99_ms": 1.2,
-                       "clock": "perf_counter_ns from a request read to its answer ready", "msg_id": live["msg_id"], "seq": 5}
+                       "clock": "perf_counter_ns from a request read to its answer ready", "simulated": True,
+                       "msg_id": live["msg_id"], "seq": 5}
 
 
 def test_latency_axis_is_logarithmic_and_holds_the_points_and_the_limit():
@@ -529,6 +530,29 @@ def test_the_demo_table_says_where_every_column_came_from(capsys):
     assert "no accelerator on this machine: c ran int8 on xnnpack (the CPU)" in text  # the Coral's int8 ran on the CPU
 
 
+def test_the_demo_names_the_clock_each_live_message_names(capsys):
+    """The demo's footer said the live figures were timed "by perf_counter_ns" whatever the agents' live messages
+    said, and --json's live block named no clock at all: now both are the clock the stored message names."""
+    from edge_kit.cli.loop import print_demo
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.loop.demo import APP_REQUESTS, DemoResult
+    from edge_kit.loop.tune import TuneReport
+
+    def row(device, live):
+        return {"device": device, "profile": "rpi4", "variant": "int8", "feasible": True, "violates": [], "p90_ms": 0.5,
+                "latency_method": "clock", "runtime": "litert", "accuracy": 0.99, "accuracy_samples": 360,
+                "energy_mj": 0.1, "power_method": "estimated", "live": {"requests": APP_REQUESTS, "top1": 0.98, **live}}
+
+    served = "perf_counter_ns from a request read to its answer ready (queueing included)"
+    rows = [row("a", {"p50_ms": 0.1, "p99_ms": 0.3, "clock": served}), row("b", {"p50_ms": 0.2, "p99_ms": 0.4}),
+            row("c", {"p50_ms": None, "p99_ms": None, "clock": None, "not_stored": "none within 20 s"})]
+    print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), rows))
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"its service time by clock not named; {served}, from the signed live message" in text
+    print_demo(DemoResult(Path("/tmp/d"), False, TuneReport(GroupResult([])), rows[2:]))
+    assert "its service time by no clock (none stored), from" in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_demo_table_says_when_a_devices_live_figures_were_not_stored_and_why(capsys):
     """The demo's live figures are the agent's stored, signed live message: when none arrived, the cell says so
     (never figures from elsewhere) and a line under the table says why; the application's top-1 is still shown."""
@@ -570,6 +594,29 @@ def test_the_fleet_tables_simulated_column_says_what_the_device_said_and_no_more
     assert rows["rpi4-4"].split("<td>")[-1].startswith("-")
 
 
+def test_the_reports_json_marks_a_simulated_devices_live_figures_as_its_table_does(tmp_path, run_cli):
+    """`report --json`'s live rows had no `simulated` (a live message carries none): a simulated device's serving
+    figures, the simulating machine's, read as a real device's, though the HTML table's column said `yes`."""
+    from edge_kit.telemetry.store import Store
+    from edgekit_protocol import messages
+
+    history = tmp_path / "edgekit-history.db"
+    store = Store(history)
+    for seq, (device, said) in enumerate([("rpi4-1", True), ("rpi4-2", False), ("rpi4-3", None)]):
+        status = {"state": "online", **({} if said is None else {"simulated": said})}
+        store.add_many([("status", messages.envelope("status", "sim", device, seq, status)),
+                        ("live", messages.envelope("live", "sim", device, seq, {
+                            "model": {"variant": "int8", "sha256": "int8" * 4}, "requests": 10, "errors": 0,
+                            "window": 10, "latency_ms": {"p50": 0.4, "p90": 0.6, "p99": 1.2}, "clock": "c"}))])
+    store.close()
+    code, out, err = run_cli("report", "--history", history, "--out", tmp_path / "r.html", "--json")
+    assert code == 0, err
+    assert {r["device"]: r["simulated"] for r in json.loads(out)["rows"] if r["source"] == "live"} == {
+        "rpi4-1": True, "rpi4-2": False, "rpi4-3": None}
+    page = (tmp_path / "r.html").read_text().split("<h2>Fleet</h2>")[1]
+    assert [r.split("<td>")[-1][:3] for r in page.split("<tr><td>")[1:]] == ["yes", "no<", "-</"]
+
+
 def test_energy_bars_never_average_a_simulated_devices_figure_into_a_real_ones():
     """A real rpi4 and a simulated one, both estimated, made one bar: their mean, half of it this machine's."""
     from edge_kit.profiles import load_profile
@@ -580,6 +627,18 @@ def test_energy_bars_never_average_a_simulated_devices_figure_into_a_real_ones()
     sim = {**_bench("rpi4-2", "int8", 0.2, 0.99, 2), "power": {**real["power"], "energy_per_inference_mj": 0.1}}
     _scatter, bars = _profile_figures(load_profile("rpi4"), [real, sim], {})
     assert {t.name: list(t.y) for t in bars.data} == {"estimated": [0.5], "estimated, simulated devices": [0.1]}
+
+
+def test_the_chosen_star_says_a_simulated_devices_point_is_simulated_as_its_marker_does():
+    """The variant's marker under the star said "rpi4-2 (simulated)", the star over it "rpi4-2: int8" alone."""
+    from edge_kit.profiles import load_profile
+    from edge_kit.telemetry.report import _profile_figures
+
+    real = {**_bench("rpi4-1", "int8", 0.2, 0.99, 1), "simulated": False}
+    scatter, _bars = _profile_figures(load_profile("rpi4"), [real, _bench("rpi4-2", "int8", 0.3, 0.99, 2)],
+                                      {"rpi4-1": "int8" * 4, "rpi4-2": "int8" * 4})
+    (star,) = [t for t in scatter.data if t.name == "chosen"]
+    assert list(star.text) == ["rpi4-1: int8", "rpi4-2 (simulated): int8"]
 
 
 def test_the_energy_plot_of_one_power_source_still_shows_its_legend():

@@ -539,6 +539,13 @@ def test_metrics_say_which_devices_figures_a_simulating_machine_measured():
              if ln.startswith("edgekit_device_simulated{")]
     assert sorted(lines) == ['edgekit_device_simulated{device="d1"} 1.0', 'edgekit_device_simulated{device="d2"} 0.0',
                              'edgekit_device_simulated{device="d3"} 1.0']
+    # its help named the benchmark series alone: a simulated device's serving figures read as its hardware's
+    helps = {ln.split()[2]: ln for ln in generate_latest(metrics.registry).decode().splitlines()
+             if ln.startswith("# HELP edgekit_")}
+    assert "accuracy and live (serving and shadow) series are measurements of the machine" in helps[
+        "edgekit_device_simulated"]
+    for name in ("edgekit_live_requests", "edgekit_live_latency_ms", "edgekit_live_shadow_snr_db"):
+        assert "a simulated device's (edgekit_device_simulated 1) by the machine simulating it" in helps[name]
 
 
 def test_a_constraint_alert_names_the_figure_that_broke_it_and_where_it_came_from(fleet_file, tmp_path):

@@ -100,3 +100,32 @@ def test_the_reports_live_figures_name_the_serving_apis_clock(tmp_path, run_cli)
     assert ("Live p50/p99 are each device's serving API's service times over its last requests, measured there with "
             "perf_counter_ns from a request read to its answer ready (queueing included).") in page
     assert "0.5/1.5 (40" in page
+
+
+def test_tunes_json_says_where_its_decisions_figures_come_from_and_which_devices_are_simulated(tmp_path, run_cli,
+                                                                                               monkeypatch):
+    """`tune --json` gave every candidate's p90, accuracy, W and mJ (its decisions' tables) with no word of the clock,
+    the eval set or the simulated devices whose figures are this machine's, which `select --json` says in `figures`."""
+    from types import SimpleNamespace
+
+    from test_select_from_history import write_fleet
+
+    from edge_kit.fleet.deploy import GroupResult
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.loop import tune as tn
+    from edge_kit.manifest import read_manifest
+
+    fleet, folder = write_fleet(tmp_path)
+    fleet.write_text(fleet.read_text().replace("{name: a, host: 127.0.0.1,", "{name: a, host: 127.0.0.1, simulated: true,"))
+    devices = load_fleet(fleet).select(["a", "b"])
+    decisions = tn.decide(read_manifest(folder), devices, Store(tmp_path / "edgekit-history.db"), {}, 0.1)
+    monkeypatch.setattr(tn, "tune", lambda *_a, **_k: tn.TuneReport(deploy=GroupResult([]), final=decisions))
+    monkeypatch.setattr(tn, "TuneOptions", lambda *_a, **_k: SimpleNamespace())
+    code, out, err = run_cli("tune", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["final"]["a"]["table"][0]["p90_ms"] is not None, err
+    code, select_out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b",
+                                    "--json")
+    assert code == 0 and data["figures"] == json.loads(select_out)["figures"], err
+    assert "simulated devices (a): measured on this machine, not their profile's hardware" in data["figures"]
+    assert "p90 and accuracy measured by each device's own agent (`edgekit bench` names the clock)" in data["figures"]

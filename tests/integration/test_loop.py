@@ -109,6 +109,7 @@ def test_demo_runs_the_whole_loop_keeps_its_live_figures_signed_and_cleans_up(ru
             assert "not_stored" not in live, live
             assert live["requests"] == 300 and live["top1"] > 0.9 and live["served"] == row["variant"]
             assert live["requests_served"] >= 300 and 0 < live["p50_ms"] <= live["p99_ms"]
+            assert live["clock"].startswith("perf_counter_ns from a request read")  # as the stored message names it
             assert live["top1_source"].startswith("the demo application on this host")
         assert result["kept"] is True and workdir.is_dir()
         # the history was written where report/select/fleet status look for it: beside the fleet file
