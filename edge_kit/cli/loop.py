@@ -329,11 +329,8 @@ def tune_cmd(
     with spinner("tuning", as_json) as status:
         report = tune(fleet, targets, opts, db, progress=status.update)
     if as_json:  # the decisions' figures, with where they came from, as select --json says it
-        from edge_kit.manifest import read_manifest
-
         inferred = any(r.get("source") == "inferred" for d in report.final.values() for r in d.table)
-        metric = (read_manifest(artifacts).eval or {}).get("metric")
-        emit_json({**report.as_dict(), "figures": figures_text(targets, inferred, metric=metric)})
+        emit_json({**report.as_dict(), "figures": figures_text(targets, inferred, metric=report.metric)})
     else:
         print_tune(report)
     if report.deploy.failed or report.silent or report.refused or report.activation_failed:

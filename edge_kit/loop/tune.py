@@ -98,6 +98,7 @@ class TuneReport:
     # health benchmarks, statuses, decisions
     refused: dict[str, list[str]] = field(default_factory=dict)
     budget: dict[str, Any] | None = None  # with a budget: spent, left, unit, messages, health benchmarks
+    metric: str | None = None  # the accuracy figure's metric, as the verified manifest's eval set names it
 
     @property
     def switched(self) -> list[str]:
@@ -320,7 +321,7 @@ def tune(fleet: Fleet, devices: list[Device], opts: TuneOptions, store: HistoryS
     step("deploying candidate variants")
     deployed = deploy(fleet, devices, DeployOptions(opts.artifacts, parallel=opts.parallel, health_timeout=opts.timeout,
                                                     trust_new_hosts=opts.trust_new_hosts), manifest=manifest)
-    report = TuneReport(deployed)
+    report = TuneReport(deployed, metric=(manifest.eval or {}).get("metric"))
     current = {r.device: r.sha256 for r in deployed.results if r.ok}
     refused = {r.device: dict(r.refused) for r in deployed.results}  # not sent: the device lacks their runtime
     live = [d for d in devices if d.name in current]
