@@ -235,8 +235,12 @@ def _store_command(args: argparse.Namespace) -> None:
     elif args.command == "rollback":
         out = store.rollback()
     else:
-        simulated = _simulated(store.root)
-        live = live_figures(args.socket) if args.socket else _own_live_figures(store.root)
+        try:  # read once: whether the device is simulated, and where it serves
+            cfg, unloaded = _agent_config(store.root), None
+        except EdgeKitError as exc:
+            cfg, unloaded = None, exc
+        simulated = cfg.simulated if cfg is not None else None  # None: no agent.yaml that loads says
+        live = live_figures(args.socket) if args.socket else _own_live_figures(store.root, cfg, unloaded)
         if simulated and "measured_by" in live:  # an `edgekit sim` device's figures are the simulating machine's
             live["measured_by"] += (f"; a simulated device (simulated: true in {store.root / 'agent.yaml'}): measured "
                                     "on the machine simulating it, not on its profile's hardware")
@@ -260,16 +264,6 @@ def _agent_config(root: Path) -> AgentConfig | None:
     return load_agent_config(path) if os.path.lexists(path) else None
 
 
-def _simulated(root: Path) -> bool | None:
-    """Return whether the agent at ``root`` is a simulated device's, as its agent.yaml says (``simulated``, which
-    ``edgekit sim`` sets), or None without an agent.yaml that loads (nothing says). Never raises."""
-    try:
-        cfg = _agent_config(root)
-    except EdgeKitError:
-        return None
-    return None if cfg is None else cfg.simulated
-
-
 def _serving_socket(root: Path, cfg: AgentConfig | None) -> Path | None:
     """Return the socket the agent at ``root`` serves its API on, by its config ``cfg`` (:func:`_agent_config`):
     ``serve.socket`` if it sets one, else ``<root>/serve.sock``; None when it turns serving off."""
@@ -280,14 +274,14 @@ def _serving_socket(root: Path, cfg: AgentConfig | None) -> Path | None:
     return None if not cfg.serve.enabled else cfg.serve.socket or root / SOCKET
 
 
-def _own_live_figures(root: Path) -> dict[str, Any]:
-    """Return :func:`live_figures` of the agent at ``root``, at the socket its agent.yaml serves on
-    (:func:`_serving_socket`); ``{"source": "live", "unavailable": why}`` when that file turns serving off or does not
-    load (the store's own state is still worth showing). Never raises."""
-    try:
-        socket = _serving_socket(root, _agent_config(root))
-    except EdgeKitError as exc:
-        return {"source": "live", "unavailable": f"{exc} (give the serving API's socket with --socket)"}
+def _own_live_figures(root: Path, cfg: AgentConfig | None, unloaded: EdgeKitError | None) -> dict[str, Any]:
+    """Return :func:`live_figures` of the agent at ``root``, at the socket its agent.yaml (``cfg``, as
+    :func:`_agent_config` read it; ``unloaded``: why it did not load) serves on (:func:`_serving_socket`);
+    ``{"source": "live", "unavailable": why}`` when that file turns serving off or does not load (the store's own
+    state is still worth showing). Never raises."""
+    if unloaded is not None:
+        return {"source": "live", "unavailable": f"{unloaded} (give the serving API's socket with --socket)"}
+    socket = _serving_socket(root, cfg)
     if socket is None:
         return {"source": "live", "unavailable": f"serving is off (serve.enabled: false in {root / 'agent.yaml'})"}
     return live_figures(socket)
