@@ -136,17 +136,20 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
                           and r["accuracy"].get("metric")), "accuracy"))
     scatter = go.Figure()
     for variant, recs in sorted(by_variant.items()):
-        pts = [r for r in recs if _accuracy(r) is not None]
-        if not pts:
-            continue
-        scatter.add_trace(go.Scatter(
-            x=[r["latency_ms"]["p90"] for r in pts], y=[scale * _accuracy(r) for r in pts], mode="markers",
-            name=f"{variant} ({_label(pts[0].get('runtime') or 'litert')})", marker={"size": 10},  # the runtime that ran it
-            text=[f"{r['device']}{' (simulated)' if r.get('simulated') else ''}, {_label(r.get('runtime') or 'litert')}" for r in pts],
-            # names a device gave (the variant, the metric) as data, never in the template: it reads %{...}
-            customdata=[[variant, metric]] * len(pts),
-            hovertemplate=f"%{{text}}<br>p90 %{{x:.4g}} ms<br>%{{customdata[1]}} %{{y:.4g}}{unit}"
-                          "<extra>%{customdata[0]}</extra>"))
+        # simulated devices a trace of their own (open markers): their figures are the simulating machine's
+        for simulated in (False, True):
+            pts = [r for r in recs if _accuracy(r) is not None and (r.get("simulated") is True) == simulated]
+            if not pts:
+                continue
+            scatter.add_trace(go.Scatter(
+                x=[r["latency_ms"]["p90"] for r in pts], y=[scale * _accuracy(r) for r in pts], mode="markers",
+                name=f"{variant} ({_label(pts[0].get('runtime') or 'litert')}){', simulated' if simulated else ''}",
+                marker={"size": 10, "symbol": "circle-open" if simulated else "circle"},  # the runtime that ran it
+                text=[f"{r['device']}{' (simulated)' if simulated else ''}, {_label(r.get('runtime') or 'litert')}" for r in pts],
+                # names a device gave (the variant, the metric) as data, never in the template: it reads %{...}
+                customdata=[[variant, metric]] * len(pts),
+                hovertemplate=f"%{{text}}<br>p90 %{{x:.4g}} ms<br>%{{customdata[1]}} %{{y:.4g}}{unit}"
+                              "<extra>%{customdata[0]}</extra>"))
     picks = [r for r in records if chosen.get(r["device"]) == r["sha256"] and _accuracy(r) is not None]
     if picks:
         scatter.add_trace(go.Scatter(

@@ -641,6 +641,18 @@ def test_the_chosen_star_says_a_simulated_devices_point_is_simulated_as_its_mark
     assert list(star.text) == ["rpi4-1: int8", "rpi4-2 (simulated): int8"]
 
 
+def test_a_simulated_and_a_real_device_on_one_variant_are_two_traces_of_the_scatter():
+    """They were one trace ("int8 (litert)"): a simulated device's point (this machine's CPU) looked like the real
+    device's next to it, only its tooltip told them apart."""
+    from edge_kit.profiles import load_profile
+    from edge_kit.telemetry.report import _profile_figures
+
+    real = {**_bench("rpi4-1", "int8", 0.2, 0.99, 1), "simulated": False}
+    scatter, _bars = _profile_figures(load_profile("rpi4"), [real, _bench("rpi4-2", "int8", 0.3, 0.98, 2)], {})
+    traces = {t.name: (list(t.x), t.marker.symbol) for t in scatter.data}
+    assert traces == {"int8 (litert)": ([0.2], "circle"), "int8 (litert), simulated": ([0.3], "circle-open")}
+
+
 def test_the_energy_plot_of_one_power_source_still_shows_its_legend():
     """The energy plot's title says "legend: how it was obtained", but plotly hides the legend of a single series:
     a fleet of simulated devices, all estimated, showed bars that said neither estimated nor simulated."""
