@@ -34,6 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from device_agents.content_length import DIGITS, byte_count
@@ -203,6 +204,38 @@ class _Watchdog:
             if self.fired is not None:
                 _shut(self._sock)
 
+    def resolve(self, host: str, port: int) -> list[tuple]:
+        """Return ``socket.getaddrinfo(host, port, 0, SOCK_STREAM)``, given up when a cancel or the deadline comes
+        first: the system resolver's own timeouts (seconds per server and try, a DNS server gone silent) would hold the
+        request past both. The lookup runs in a thread of its own, which ends with the resolver's answer; an address
+        needs none.
+
+        Raises:
+            OSError: the name is not resolved (the resolver's error), or this watchdog fired first (``fired`` says why).
+        """
+        if self._thread is None or _ip(host) is not None:
+            return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        answer: list[Any] = []
+        done = threading.Event()
+
+        def lookup() -> None:
+            try:
+                answer.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+            except BaseException as exc:  # noqa: BLE001  (raised in the caller's thread)
+                answer.append(exc)
+            done.set()
+
+        threading.Thread(target=lookup, daemon=True, name="fetch-resolve").start()
+        while not done.wait(self.POLL_S):
+            why = self.fired or self.due()
+            if why is not None:
+                with self._lock:
+                    self.fired = why
+                raise OSError(f"the lookup of {host} was given up ({why})")
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
+
     def _run(self) -> None:
         while not self._done.wait(self.POLL_S):
             why = self.fired or self.due()
@@ -234,14 +267,16 @@ def _shut(sock: socket.socket | None) -> None:
 def _socket_to(host: str, port: int, timeout_s: float, rcvbuf: int | None, watchdog: _Watchdog | None) -> socket.socket:
     """Return a TCP connection to ``host:port``, each address the name has tried in turn (as
     :func:`socket.create_connection` does), each socket handed to ``watchdog`` before its connect: a cancel or the
-    deadline ends the connect, and the TLS handshake after it, at once (each could otherwise take ``timeout_s``).
+    deadline ends the name's lookup, the connect, and the TLS handshake after it, at once (each could otherwise take
+    ``timeout_s``, the lookup the resolver's own timeouts).
 
     Raises:
         OSError: the name is not resolved, the connect is refused, unreachable, timed out, or ended by the watchdog
             (its ``fired`` says why).
     """
     error: OSError | None = None
-    for family, kind, proto, _name, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+    found = watchdog.resolve(host, port) if watchdog is not None else socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    for family, kind, proto, _name, address in found:
         sock = socket.socket(family, kind, proto)
         try:
             if rcvbuf:  # before the connect: the window it offers is set at the handshake

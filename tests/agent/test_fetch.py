@@ -322,6 +322,26 @@ def test_a_store_that_never_takes_the_connect_or_trickles_its_tls_handshake_is_l
     _left_at_the_deadline_and_at_a_cancel(artifact_url(url, SHA), tmp_path, timeout_s=20)
 
 
+def test_a_name_lookup_that_hangs_is_left_at_the_deadline_or_a_cancel(store, tmp_path, monkeypatch):
+    """The store's name was looked up before anything watched the request: a DNS server gone silent held the
+    download for the resolver's own timeouts (5 s a server and try by default, several tries) past max_seconds and
+    past a cancel. An address is never looked up in a thread: it needs no resolver."""
+    real, lookups = socket.getaddrinfo, []
+
+    def silent_dns(host, *args, **kw):
+        lookups.append(host)
+        if host == "store.invalid":
+            time.sleep(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", silent_dns)
+    port = store.url.rsplit(":", 1)[1]
+    _left_at_the_deadline_and_at_a_cancel(artifact_url(f"http://store.invalid:{port}", SHA), tmp_path, timeout_s=20)
+    assert lookups == ["store.invalid", "store.invalid"]
+    assert fetch(artifact_url(store.url, SHA), SHA, tmp_path / "c.bin", max_seconds=5.0).bytes_downloaded == len(DATA)
+
+
 @pytest.mark.parametrize("where", ["http://a..b/x", "http://[::1/x", "http://xn--/x"])
 def test_a_redirect_to_a_url_that_cannot_be_one_is_a_fetch_error(store, tmp_path, where):
     store.location = where
