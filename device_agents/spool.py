@@ -26,7 +26,9 @@ kind, persisted, and reported in telemetry and the ``state`` command.
 
 The spool also holds its ``epoch``: a random id created with the spool, which every message the agent numbers
 carries, so a receiver tells a device whose numbering started again (re-imaged, its state root wiped, a damaged
-spool moved aside: ``seq`` from 1 again) from one that lost records.
+spool moved aside: ``seq`` from 1 again) from one that lost records. An agent that was running when its device lost
+power takes a new epoch at its next start too (``seq`` from 1): the periodic kinds' last rows and counters may be lost
+with the power, and their numbers would otherwise be given again to other messages.
 
 A spool that is not a database any more, or whose pages SQLite's ``quick_check`` finds damaged at the agent's
 start (a damaged file, a write cut by a power loss on a card that lies about fsync), is moved aside
@@ -58,6 +60,15 @@ WAL_RESTART_PAGES = 1000  # a WAL this long is made to start over by checkpoint(
 WAL_MAX_PAGES = 4000  # the writer checkpoints itself past this many WAL pages (SQLite's wal_autocheckpoint; 16 MB)
 WAL_AHEAD = 300  # commits (about 1,500 WAL pages) after a checkpoint began past which the writer waits for it to end,
 # if it is still running, and checkpoints itself (the WAL under WAL_MAX_PAGES however slow the disk)
+
+
+def _boot_id() -> int:
+    """Return this boot of the machine as a number (the first 60 bits of Linux's ``boot_id``, random at each boot),
+    0 where there is none to read."""
+    try:
+        return int(Path("/proc/sys/kernel/random/boot_id").read_text().replace("-", "").strip()[:15], 16)
+    except (OSError, ValueError):
+        return 0
 
 
 class Spool:
@@ -121,7 +132,7 @@ class Spool:
         with self._lock:
             if damaged is not None:
                 self._bump("damaged_spools")
-            self.epoch = self._epoch()
+            self.epoch = self._epoch(renew=self._after_power_loss())
             # the ids taken before a damage are gone: this clock's word; at least the provisioning's
             now = time.time()
             at = max(min(horizon_floor, now + MAX_SKEW_S), now if damaged is not None else 0.0)
@@ -129,19 +140,57 @@ class Spool:
             if horizon > self._counter("horizon_ms"):  # never moves back
                 self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('horizon_ms', ?)", (horizon,))
 
-    def _epoch(self) -> str:
+    def _epoch(self, renew: bool = False) -> str:
         """Return this spool's epoch (16 hex digits), created at random when it has none (a new spool, or one an older
-        agent made: its numbering goes on, and receivers take a device's first epoch as no restart); caller holds the
-        lock. Never raises: a disk too full to keep it gives one for this run only (the next start names another,
-        which receivers record as a restart)."""
+        agent made: its numbering goes on, and receivers take a device's first epoch as no restart) or when ``renew``
+        asks, with every kind's ``seq`` from 1 again (after a power loss: see :meth:`_after_power_loss`); caller
+        holds the lock. Never raises: a disk too full to keep it gives one for this run only (the next start names
+        another, which receivers record as a restart)."""
         value = self._counter("epoch")
-        if not value:
+        if not value or renew:
             value = secrets.randbits(62) | 1
             try:
-                self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('epoch', ?)", (value,))
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute("DELETE FROM counters WHERE name LIKE 'seq.%'")
+                    self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('epoch', ?)", (value,))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
             except sqlite3.OperationalError as exc:
                 log.warning("spool: its epoch not persisted: %s", exc)
         return f"{value:016x}"
+
+    def _after_power_loss(self) -> bool:
+        """Return whether the agent that had this spool open last was still running when its device lost power (or was
+        reset): it never closed the spool (:meth:`close` records that it did), and the machine booted since (another
+        ``boot_id``; an agent that crashed or was killed had its commits kept by the kernel). The periodic kinds commit
+        without fsync, so such a loss can take the last of their rows and ``seq`` counters with it, and their numbers
+        would be given again to other messages in the same epoch: a new epoch is taken instead, which receivers record
+        as a restart. Records this boot and the spool open, with one fsync; caller holds the lock. Never raises: where
+        there is no boot id (not Linux) or the disk is full, the numbering goes on as before."""
+        boot = _boot_id()
+        if not boot:
+            return False
+        last, closed = self._counter("boot"), self._counter("closed")
+        try:
+            self._synchronous("FULL")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
+                                     [("boot", boot), ("closed", 0)])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            log.warning("spool: this start not recorded: %s", exc)
+        lost = bool(last) and last != boot and not closed
+        if lost:
+            log.warning("%s: the agent was running when the device lost power or was reset; its periodic records may "
+                        "have lost their last numbers, so it numbers in a new epoch", self.path)
+        return lost
 
     def _open(self) -> None:
         """Open the database and create its tables (returns nothing).
@@ -493,6 +542,8 @@ class Spool:
             self._forget_now()
             try:
                 self._save_counts()
+                self._synchronous("FULL")  # the spool closed, and all before it, on disk: see _after_power_loss
+                self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('closed', 1)")
             except (sqlite3.Error, OSError) as exc:
                 log.error("%s: counts not saved at close (%s)", self.path, exc)
             self._db.close()

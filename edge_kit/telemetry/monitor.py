@@ -1238,8 +1238,9 @@ class Monitor:
             if new:
                 self.stats.restarts += 1
                 self._alert(Alert(device, "restart", f"{device}: its numbering started again (epoch {epoch}, after "
-                                                     f"{previous}: re-imaged, or its agent state wiped or found "
-                                                     f"damaged): recorded as a restart, not a gap; its records are "
+                                                     f"{previous}: re-imaged, its agent state wiped or found "
+                                                     f"damaged, or its agent running when the device lost power): "
+                                                     f"recorded as a restart, not a gap; its records are "
                                                      f"judged from seq 1 of the new numbering"))
         return True
 

@@ -393,6 +393,42 @@ def test_a_spool_has_one_epoch_across_restarts_and_a_new_spool_has_another(tmp_p
     assert Spool(tmp_path / "s.db").epoch not in (epoch, wiped.epoch)
 
 
+def test_an_agent_running_when_its_device_lost_power_numbers_in_a_new_epoch_from_1(tmp_path, monkeypatch):
+    """The periodic kinds commit without fsync: a power loss can take their last rows and seq counters, and their
+    numbers went out again, to other messages, in the same epoch (a receiver then took the older message as the
+    newer until the numbering passed it). A spool left open by an agent that was running when the machine booted again
+    starts a new epoch, every seq from 1; a spool closed before the boot, or left open by an agent that crashed (the
+    same boot: the kernel kept its commits), numbers on."""
+    this_boot = spool_module._boot_id()
+    assert 0 < this_boot < 2 ** 60 and spool_module._boot_id() == this_boot  # Linux's, the same at every read
+    boot = [11]
+    monkeypatch.setattr(spool_module, "_boot_id", lambda: boot[0])
+
+    def power_cut(spool):  # the agent never closes it
+        spool._ckpt.close()
+        spool._db.close()
+
+    spool = Spool(tmp_path / "s.db")
+    epoch = spool.epoch
+    add(spool, "bench"), add(spool, "telemetry"), add(spool, "telemetry")
+    power_cut(spool)
+    crashed = Spool(tmp_path / "s.db")  # the same boot: an agent killed, restarted by systemd
+    assert crashed.epoch == epoch and add(crashed, "telemetry")[1] == b"telemetry:3:x"
+    power_cut(crashed)
+    boot[0] = 12
+    after = Spool(tmp_path / "s.db")
+    assert after.epoch != epoch and int(after.epoch, 16) > 0
+    assert add(after, "telemetry")[1] == b"telemetry:1:x" and add(after, "bench")[1] == b"bench:1:x"
+    assert after.next_seq("status") == 1 and after.stats()["pending"] == 6  # the unsent rows are all still there
+    after.close()
+    boot[0] = 13  # a clean stop, then a reboot: numbering goes on
+    clean = Spool(tmp_path / "s.db")
+    assert clean.epoch == after.epoch and add(clean, "telemetry")[1] == b"telemetry:2:x"
+    clean.close()
+    monkeypatch.setattr(spool_module, "_boot_id", lambda: 0)  # no boot id to read (not Linux): as before
+    assert Spool(tmp_path / "s.db").epoch == after.epoch
+
+
 def test_the_wal_stays_bounded_under_a_long_write_burst_with_no_idle_time(tmp_path, monkeypatch):
     """SQLite's automatic checkpoints (two fsyncs each) ran in the writer's commits; the publisher's thread runs them
     now, on a connection of its own, while the writer goes on. A checkpoint the writer outruns never lets the WAL
