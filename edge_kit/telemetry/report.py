@@ -143,8 +143,8 @@ def _profile_figures(profile: Profile, records: list[dict[str, Any]], chosen: di
                 continue
             scatter.add_trace(go.Scatter(
                 x=[r["latency_ms"]["p90"] for r in pts], y=[scale * _accuracy(r) for r in pts], mode="markers",
-                name=f"{variant} ({_label(pts[0].get('runtime') or 'litert')}){', simulated' if simulated else ''}",
-                marker={"size": 10, "symbol": "circle-open" if simulated else "circle"},  # the runtime that ran it
+                name=f"{variant} ({_label(pts[0].get('runtime') or 'litert')}){', simulated' if simulated else ''}",  # its runtime
+                marker={"size": 10, "symbol": "circle-open" if simulated else "circle"},
                 text=[f"{r['device']}{' (simulated)' if simulated else ''}, {_label(r.get('runtime') or 'litert')}" for r in pts],
                 # names a device gave (the variant, the metric) as data, never in the template: it reads %{...}
                 customdata=[[variant, metric]] * len(pts),
