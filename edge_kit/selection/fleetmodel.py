@@ -23,7 +23,8 @@ Hierarchical, fitted by empirical Bayes (no sampler): ``mu`` is the median over 
 devices of each device's median (robust to devices that differ, and a device counts once however many
 records it sends: one compromised device cannot set its profile's figures), ``sigma`` the robust (MAD) spread of each device's
 measurements around its own mean, ``tau`` the robust spread of the device means less the part
-noise explains. The offset is the posterior mean, shrunk toward 0:
+noise explains (with 2 to 4 devices, the larger of that and the prior ``tau_prior``; with one, the prior). The
+offset is the posterior mean, shrunk toward 0:
 
     b[d] = sum(residuals of d) / (n[d] + sigma^2 / tau^2),   var b[d] = 1 / (n[d] / sigma^2 + 1 / tau^2)
 
@@ -389,10 +390,10 @@ def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, 
             typical = _device_median_by(np.zeros(len(e), dtype=np.intp), m.device[rows], e, 1)[0]  # each device once
             sigma2[p] = max((1.4826 * typical) ** 2, 1e-6)
         devs = (spec.profile == p) & (n > 0) & ~excluded
-        if devs.sum() >= 5:
+        if devs.sum() >= 2:  # with 2 to 4 devices, never narrower than the prior: their spread says too little
             md = mean[devs]
             spread = (1.4826 * np.median(np.abs(md - np.median(md)))) ** 2
-            tau2[p] = max(spread - float(np.mean(sigma2[p] / n[devs])), 1e-4)
+            tau2[p] = max(spread - float(np.mean(sigma2[p] / n[devs])), 1e-4 if devs.sum() >= 5 else s.tau_prior ** 2)
     s2, t2 = sigma2[spec.profile], tau2[spec.profile]
     offset = total / (n + s2 / t2)
     offset_var = 1 / (n / s2 + 1 / t2)

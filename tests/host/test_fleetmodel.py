@@ -600,3 +600,25 @@ def test_a_profile_of_one_device_still_detects_a_runtime_update_that_shifts_its_
     model = fit(spec, twice)
     assert (0, v) in model.drift and "x1.6" in model.drift[(0, v)] and (0, v) not in model.drift_check
     assert model.stale[:len(old)].all() and not model.stale[len(old):].any()
+
+
+@pytest.mark.parametrize("p90s", [(10.0, 20.0), (10.0, 13.0, 20.0)])
+def test_an_inferred_interval_from_a_few_devices_that_differ_is_as_wide_as_they_are(p90s):
+    """The spread of a profile's devices (tau) was its prior, 0.10, until 5 devices had measured: two Pis measured
+    at 10 and 20 ms (one on a slower SD card) gave a third '~14.1 [11.3-17.7]' ms, a 90 % interval that neither
+    measured device is in. With 2 to 4 devices it is the larger of the prior and their (robust) spread."""
+    from edge_kit.profiles import Constraints
+    from edge_kit.selection.fleetmodel import FleetSpec
+
+    k = len(p90s)
+    spec = FleetSpec(tuple(f"d{i}" for i in range(k + 1)), ("rpi4",), ("fp32",), np.zeros(k + 1, dtype=np.intp),
+                     np.ones((k + 1, 1), bool), (Constraints(),), np.zeros(k + 1, dtype=np.intp), np.ones((1, 1)),
+                     np.full(k + 1, 0.9), np.full(k + 1, -1, dtype=np.intp))
+    m = Measurements.of([{"device": d, "variant": 0, "p90_ms": p90, "order": float(d)} for d, p90 in enumerate(p90s)])
+    plan = plan_measurements(spec, m, budget=0)
+    (row,) = plan.sources(k)
+    lo, hi = row["p90_ms_interval"]
+    assert row["source"] == "inferred" and lo < min(p90s) and max(p90s) < hi, row
+    assert not plan.model.flagged.any()  # too few devices to say which one differs
+    same = Measurements.of([{"device": d, "variant": 0, "p90_ms": 10.0 + 0.1 * d, "order": float(d)} for d in range(k)])
+    assert fit(spec, same).fits["p90_ms"].tau2[0] == pytest.approx(0.10 ** 2)  # devices that agree: the prior, not less
