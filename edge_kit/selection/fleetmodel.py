@@ -53,11 +53,12 @@ measures every variant that could still be its choice.
 Drift
 -----
 Each measurement may carry its software (runtime and version). Where the newest software of a
-(profile, variant) differs from older measurements', each device's median on the newer one is compared
+(profile, variant) (the one that appeared last) differs from older measurements', each device's median on the newer one is compared
 with the older measurements' median, one shift per device: their median (with 2 devices, the smaller shift
 when both point the same way) beyond ``drift_z`` standard errors and ``drift_min_ratio`` (x1.10) marks the older ones *stale* (left out of the
 model and of the devices' measured figures, so those pairs are measured again), and every affected decision
-says why. New software on fewer than 2 devices (however many records one device sends: a compromised one's
+says why; a device measured on older software since the newer one appeared still runs it: those measurements
+stay its own. New software on fewer than 2 devices (however many records one device sends: a compromised one's
 are its word alone): a drift check measures the pair on up to 3 devices. A profile whose only device can run
 the variant is judged on that device's own measurements (2 at least on the new software): no second device
 will ever confirm it.
@@ -458,7 +459,10 @@ def _drift(spec: FleetSpec, m: Measurements, s: Settings) -> tuple[np.ndarray, d
         soft = m.software[rows]
         if not (soft >= 0).any():
             continue
-        newest = soft[np.argmax(np.where(soft >= 0, m.order[rows], -np.inf))]
+        # the newest software is the one that appeared last (not the one measured last: a device not yet updated,
+        # measured again, would make the old software the newest and the updated devices' measurements stale)
+        first = {int(sw): float(m.order[rows][soft == sw].min()) for sw in np.unique(soft[soft >= 0])}
+        newest = max(first, key=lambda sw: first[sw])
         new, old = rows & (m.software == newest), rows & (m.software != newest)
         if not old.any():
             continue
@@ -484,7 +488,15 @@ def _drift(spec: FleetSpec, m: Measurements, s: Settings) -> tuple[np.ndarray, d
         spread = max(float(np.std(y[old])) if old.sum() > 2 else s.tau_prior, s.sigma_prior)
         se = 1.2533 * spread * math.sqrt(1 / new.sum() + 1 / old.sum())
         if abs(shift) > max(s.drift_z * se, math.log(s.drift_min_ratio)):
-            stale |= old
+            # a device whose newest measurement of the pair is on older software, taken since the newest appeared,
+            # still runs it: its measurements on that software are its own; any other device's on older software
+            # are stale (measured again)
+            at = np.flatnonzero(rows)
+            at = at[np.lexsort((m.order[at], m.device[at]))]
+            last = at[np.r_[m.device[at][1:] != m.device[at][:-1], True]]  # each device's newest row of the pair
+            runs = np.full(len(spec.devices), newest)
+            runs[m.device[last]] = np.where(m.order[last] > first[newest], m.software[last], newest)
+            stale |= old & (m.software != runs[m.device])
             why[(p, v)] = (f"{spec.profiles[p]}/{spec.variants[v]}: p90 x{math.exp(shift):.2f} since {name} "
                            f"({int(new.sum())} measurements on {len(on_new)} devices vs {int(old.sum())} before): "
                            "measured again")

@@ -622,3 +622,30 @@ def test_an_inferred_interval_from_a_few_devices_that_differ_is_as_wide_as_they_
     assert not plan.model.flagged.any()  # too few devices to say which one differs
     same = Measurements.of([{"device": d, "variant": 0, "p90_ms": 10.0 + 0.1 * d, "order": float(d)} for d in range(k)])
     assert fit(spec, same).fits["p90_ms"].tau2[0] == pytest.approx(0.10 ** 2)  # devices that agree: the prior, not less
+
+
+def test_a_fleet_half_updated_keeps_each_devices_own_figures_on_the_software_it_runs():
+    """Two of six Pis updated their runtime (p90 x1.6); the four others, still on the old one, were measured again
+    after it. The "newest" software was the one measured last: the old one, so the drift read 'x0.64 since litert
+    1.2', the updated devices' measurements on the new runtime became stale and they were decided on their 10 ms of
+    before the update, while they run at 16 ms. The newest software is the one that appeared last; a device measured
+    on older software since then still runs it: its measurements are its own."""
+    from edge_kit.profiles import Constraints
+    from edge_kit.selection.fleetmodel import FleetSpec
+
+    spec = FleetSpec(tuple(f"d{i}" for i in range(6)), ("rpi4",), ("fp32",), np.zeros(6, dtype=np.intp),
+                     np.ones((6, 1), bool), (Constraints(),), np.zeros(6, dtype=np.intp), np.ones((1, 1)),
+                     np.full(6, 0.9), np.full(6, -1, dtype=np.intp))
+    rows = [(d, 10.0 + 0.1 * d, "litert 1.2") for d in range(6)]  # all on litert 1.2
+    rows += [(0, 16.0, "litert 1.3"), (0, 16.1, "litert 1.3"), (1, 16.2, "litert 1.3"), (1, 16.0, "litert 1.3")]
+    model = fit(spec, Measurements.of([{"device": d, "variant": 0, "p90_ms": p90, "order": float(i), "software": s}
+                                       for i, (d, p90, s) in enumerate(rows)]))
+    assert "x1.57" in model.drift[(0, 0)] and "since litert 1.3" in model.drift[(0, 0)], model.drift
+    rows += [(d, 10.0 + 0.1 * d, "litert 1.2") for d in range(2, 6)]  # the four not updated, measured again
+    m = Measurements.of([{"device": d, "variant": 0, "p90_ms": p90, "order": float(i), "software": s}
+                         for i, (d, p90, s) in enumerate(rows)])
+    plan = plan_measurements(spec, m, budget=10)
+    assert "x1.5" in plan.model.drift[(0, 0)] and "since litert 1.3" in plan.model.drift[(0, 0)], plan.model.drift
+    assert plan.figures.measured.all() and not plan.measure, plan.measure  # nothing to measure again, ever
+    p90 = plan.figures.values["p90_ms"][:, 0, 0]
+    assert p90[:2] == pytest.approx([16.1, 16.0]) and p90[2:] == pytest.approx([10.2, 10.3, 10.4, 10.5])
