@@ -81,10 +81,13 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
 
 def _violated(d: Any) -> str:
     """Return the bounds decision ``d``'s chosen variant breaks, in words, a power bound with the source of the
-    figure that broke it (``power <= 5 W (estimated)``): an estimate from CPU use is no meter's reading."""
+    figure that broke it (``power <= 5 W (estimated)``): an estimate from CPU use is no meter's reading; any other
+    bound broken on a figure the fleet model inferred says so (``p90 <= 8 ms (inferred)``): the device never
+    measured it."""
     row = next((r for r in getattr(d, "table", None) or [] if r.get("chosen")), {})
     source = row.get("power_source")
-    return ", ".join(f"{v} ({source})" if v.startswith("power") and source else v for v in d.violates)
+    inferred = " (inferred)" if row.get("source") == "inferred" else ""
+    return ", ".join(f"{v} ({source})" if v.startswith("power") and source else v + inferred for v in d.violates)
 
 
 def infeasible_line(decisions: dict[str, Any], chosen: str = "runs") -> str | None:

@@ -403,3 +403,20 @@ def test_a_real_devices_figures_are_never_inferred_from_a_simulated_devices(tmp_
     # the simulated devices are pooled together: sim2's int8 is inferred from sim's, and says it is simulated
     assert got["sim2"]["chosen"] == "int8" and got["sim2"]["inferred"] == ["int8"], got["sim2"]
     assert "rpi4 (simulated)" in got["sim2"]["reason"], got["sim2"]
+
+
+def test_a_bound_broken_on_inferred_figures_says_they_were_inferred(tmp_path, run_cli):
+    """b measured nothing; its profile's a measured int8 at 10 ms, and b's bound is p90 <= 8 ms. The infeasible line
+    read 'b gets int8, breaking p90 <= 8 ms', as if b had been measured: its int8 is inferred, ~10 ms with an
+    interval that holds 8. It says the figure that breaks it was inferred."""
+    folder, fleet = _fp32_int8_for_one_device(tmp_path, size=1000)
+    fleet.write_text(fleet.read_text() + "  - {name: b, host: 127.0.0.1, port: 3, constraints: {max_latency_p90_ms: 8}}\n")
+    with Store(tmp_path / "edgekit-history.db") as store:
+        store.add("bench", messages.envelope("bench", "f", "a", 1, bench_body("fp32", 30.0, 12.0)))
+        store.add("bench", messages.envelope("bench", "f", "a", 2, bench_body("int8", 10.0, 4.0)))
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder)
+    assert code == 7, (out, err)
+    assert "b gets int8, breaking p90 <= 8 ms (inferred)" in " ".join(out.split()), out
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    b = json.loads(out)["devices"]["b"]
+    assert b["inferred"] == ["fp32", "int8"] and json.loads(out)["infeasible"] == {"b": ["p90 <= 8 ms"]}, b
