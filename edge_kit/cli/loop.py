@@ -275,9 +275,10 @@ def print_tune(report: Any) -> None:
     out.print(f"{rounds_text(report)}; switched: {safe(switches_text(report))}", highlight=False)
     if report.budget is not None:
         b = report.budget
-        unit = "benchmark runs" if b["unit"] == "runs" else "device-seconds"  # not the runs inside a benchmark
+        # not the runs inside a benchmark; device-seconds are planned from each pair's median duration, not timed
+        unit = "benchmark runs" if b["unit"] == "runs" else "device-seconds (estimated: median durations)"
         out.print(f"budget: {b['spent']:g} of {b['budget']:g} {unit} spent on {b['measured']} measurement(s); "
-                  f"{b['health']} health benchmark(s) of switched-to variants, counted apart")
+                  f"{b['health']} health benchmark(s) of switched-to variants, counted apart", soft_wrap=True)
         for text in b["messages"]:
             out.print(f"[yellow]note[/] {safe(text)}")
     from edge_kit.loop.tune import pending_note
