@@ -33,7 +33,8 @@ the same for every device of a profile (the same eval set): their model is the p
 per variant, with no offset.
 
 An unmeasured pair is *inferred*: its figure is ``mu + b + x . beta`` with the predictive variance
-``var mu + var b + sigma^2`` of one measurement; intervals are 90 % (1.645 sd) and, for the log
+``var mu + var b + sigma^2`` of one measurement (``var mu = tau^2 / devices + sigma^2 / measurements`` of the
+pair in the profile); intervals are 90 % (1.645 sd) and, for the log
 figures, given back in ms, mJ and W. A measured pair uses the device's own recent measurements,
 never the model.
 
@@ -407,7 +408,13 @@ def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, 
     mu2 = _device_median_by(pv[pool], m.device[pool], corrected[pool], P * V)
     mu = np.where(np.isnan(mu2), mu, mu2)
     count = np.bincount(pv[ok], minlength=P * V).astype(float)
-    mu_var = np.where(count > 0, (sigma2.repeat(V) + tau2.repeat(V)) / np.maximum(count, 1), np.nan)
+    width = int(m.device.max()) + 1 if len(m) else 1
+    pairs = np.unique(pv[ok].astype(np.int64) * width + m.device[ok])
+    devices = np.bincount(pairs // width, minlength=P * V).astype(float)
+    # how the profile's devices differ is learned from devices, the noise from measurements: one device measured
+    # 20 times is one device
+    mu_var = np.where(count > 0, tau2.repeat(V) / np.maximum(devices, 1) + sigma2.repeat(V) / np.maximum(count, 1),
+                      np.nan)
     # deviation from the profile without offset or covariates, for flagging
     dev = np.where(ok, y - mu[pv], 0.0)
     sd_one = np.sqrt(tau2[prof] + sigma2[prof] + np.nan_to_num(mu_var[pv]))
