@@ -81,10 +81,13 @@ def decision_table(decisions: dict[str, Any], explain: bool) -> list[Any]:
 
 def _violated(d: Any) -> str:
     """Return the bounds decision ``d``'s chosen variant breaks, in words, a power bound with the source of the
-    figure that broke it (``power <= 5 W (estimated)``): an estimate from CPU use is no meter's reading."""
+    figure that broke it (``power <= 5 W (estimated)``): an estimate from CPU use is no meter's reading; any other
+    bound broken on a figure the fleet model inferred says so (``p90 <= 8 ms (inferred)``): the device never
+    measured it."""
     row = next((r for r in getattr(d, "table", None) or [] if r.get("chosen")), {})
     source = row.get("power_source")
-    return ", ".join(f"{v} ({source})" if v.startswith("power") and source else v for v in d.violates)
+    inferred = " (inferred)" if row.get("source") == "inferred" else ""
+    return ", ".join(f"{v} ({source})" if v.startswith("power") and source else v + inferred for v in d.violates)
 
 
 def infeasible_line(decisions: dict[str, Any], chosen: str = "runs") -> str | None:
@@ -272,9 +275,10 @@ def print_tune(report: Any) -> None:
     out.print(f"{rounds_text(report)}; switched: {safe(switches_text(report))}", highlight=False)
     if report.budget is not None:
         b = report.budget
-        unit = "benchmark runs" if b["unit"] == "runs" else "device-seconds"  # not the runs inside a benchmark
+        # not the runs inside a benchmark; device-seconds are planned from each pair's median duration, not timed
+        unit = "benchmark runs" if b["unit"] == "runs" else "device-seconds (estimated: median durations)"
         out.print(f"budget: {b['spent']:g} of {b['budget']:g} {unit} spent on {b['measured']} measurement(s); "
-                  f"{b['health']} health benchmark(s) of switched-to variants, counted apart")
+                  f"{b['health']} health benchmark(s) of switched-to variants, counted apart", soft_wrap=True)
         for text in b["messages"]:
             out.print(f"[yellow]note[/] {safe(text)}")
     from edge_kit.loop.tune import pending_note

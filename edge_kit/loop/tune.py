@@ -414,7 +414,9 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
                  ) -> tuple[FleetSpec, Measurements, dict[str, str], list[dict[str, Any]]]:
     """Return (spec, measurements, sha256 by variant id, records) for the fleet model from the history;
     ``records`` are the bench records of ``devices`` on these artifacts (by sha256: not older builds'),
-    oldest first.
+    oldest first. Simulated devices (the fleet file's ``simulated``, or a record of theirs that says so) are a
+    profile of their own in the spec, ``<profile> (simulated)``: their figures, the host's, are never pooled with
+    a real device's.
 
     Raises:
         NotBuiltFor: the artifacts were not compiled for a device's profile.
@@ -424,11 +426,20 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
     flagged = flagged or {}
     cands = {d.name: [a for a in candidates_for(manifest, d) if a.id not in refused.get(d.name, ())] for d in devices}
     variants = tuple(dict.fromkeys(a.id for d in devices for a in cands[d.name]))
-    profiles = tuple(dict.fromkeys(d.profile for d in devices))
     arts = {a.id: a for d in devices for a in cands[d.name]}
+    index = {d.name: i for i, d in enumerate(devices)}
+    # Only the records of these builds: a long history holds many of older builds, never read here.
+    records = [r for r in store.bench_records(sha256s=tuple(sorted({a.sha256 for a in arts.values()})))
+               if r.get("device") in index]
+    # a simulated device's figures are the simulating machine's: pooled with other simulated devices' alone, as a
+    # profile of its own, so no real device's figure is ever inferred from them (nor theirs from a real device's)
+    simulated = {d.name for d in devices if d.simulated} | {r.get("device") for r in records if r.get("simulated") is True}
+    pooled_as = [f"{d.profile} (simulated)" if d.name in simulated else d.profile for d in devices]
+    profiles = tuple(dict.fromkeys(pooled_as))
+    profile_of = dict(zip(pooled_as, (d.profile for d in devices)))  # the profile file each pool's devices name
     host_fp32 = manifest.reference()
     host_acc = host_fp32.accuracy.value if host_fp32 and host_fp32.accuracy else None
-    loaded = {p: load_profile(p) for p in profiles}
+    loaded = {p: load_profile(p) for p in dict.fromkeys(d.profile for d in devices)}
     groups: list[Any] = []
     group_of = []
     for d in devices:
@@ -438,23 +449,19 @@ def fleet_inputs(manifest: Manifest, devices: list[Device], store: HistoryStore,
         group_of.append(groups.index(c))
     candidates = np.array([[v in {a.id for a in cands[d.name]} for v in variants] for d in devices], dtype=bool)
     model_mb = np.array([[(arts[v].bytes or 0) / 1e6 if v in arts else np.nan for v in variants] for _p in profiles])
-    index = {d.name: i for i, d in enumerate(devices)}
     variant_of = {(index[d.name], a.sha256): variants.index(a.id) for d in devices for a in cands[d.name]}
-    # Only the records of these builds: a long history holds many of older builds, never read here.
-    records = [r for r in store.bench_records(sha256s=tuple(sorted({a.sha256 for a in arts.values()})))
-               if r.get("device") in index]
     m = Measurements.of(rows_from_records(records, index, variant_of))
     fp32 = np.full(len(devices), np.nan if host_acc is None else host_acc)
     if manifest.reference_id in variants:  # measured on the device where it has been
         got = (m.variant == variants.index(manifest.reference_id)) & np.isfinite(m.accuracy)
         fp32[m.device[got]] = m.accuracy[got]
     by_sha = {a.sha256: variants.index(a.id) for a in arts.values()}
-    spec = FleetSpec(tuple(d.name for d in devices), profiles, variants, np.array([profiles.index(d.profile) for d in devices]),
+    spec = FleetSpec(tuple(d.name for d in devices), profiles, variants, np.array([profiles.index(p) for p in pooled_as]),
                      candidates, tuple(groups), np.array(group_of), model_mb, fp32,
                      np.array([by_sha.get(current.get(d.name), -1) for d in devices], dtype=np.intp),
                      np.array([d.name in flagged for d in devices], dtype=bool),
                      {i: flagged[d.name] for i, d in enumerate(devices) if d.name in flagged},
-                     tuple(loaded[p].target_order for p in profiles), manifest.reference_id)
+                     tuple(loaded[profile_of[p]].target_order for p in profiles), manifest.reference_id)
     return spec, m, {v: arts[v].sha256 for v in variants}, records
 
 

@@ -23,7 +23,8 @@ Hierarchical, fitted by empirical Bayes (no sampler): ``mu`` is the median over 
 devices of each device's median (robust to devices that differ, and a device counts once however many
 records it sends: one compromised device cannot set its profile's figures), ``sigma`` the robust (MAD) spread of each device's
 measurements around its own mean, ``tau`` the robust spread of the device means less the part
-noise explains. The offset is the posterior mean, shrunk toward 0:
+noise explains (with 2 to 4 devices, the larger of that and the prior ``tau_prior``; with one, the prior). The
+offset is the posterior mean, shrunk toward 0:
 
     b[d] = sum(residuals of d) / (n[d] + sigma^2 / tau^2),   var b[d] = 1 / (n[d] / sigma^2 + 1 / tau^2)
 
@@ -32,7 +33,8 @@ the same for every device of a profile (the same eval set): their model is the p
 per variant, with no offset.
 
 An unmeasured pair is *inferred*: its figure is ``mu + b + x . beta`` with the predictive variance
-``var mu + var b + sigma^2`` of one measurement; intervals are 90 % (1.645 sd) and, for the log
+``var mu + var b + sigma^2`` of one measurement (``var mu = tau^2 / devices + sigma^2 / measurements`` of the
+pair in the profile); intervals are 90 % (1.645 sd) and, for the log
 figures, given back in ms, mJ and W. A measured pair uses the device's own recent measurements,
 never the model.
 
@@ -52,11 +54,12 @@ measures every variant that could still be its choice.
 Drift
 -----
 Each measurement may carry its software (runtime and version). Where the newest software of a
-(profile, variant) differs from older measurements', each device's median on the newer one is compared
+(profile, variant) (the one that appeared last) differs from older measurements', each device's median on the newer one is compared
 with the older measurements' median, one shift per device: their median (with 2 devices, the smaller shift
 when both point the same way) beyond ``drift_z`` standard errors and ``drift_min_ratio`` (x1.10) marks the older ones *stale* (left out of the
 model and of the devices' measured figures, so those pairs are measured again), and every affected decision
-says why. New software on fewer than 2 devices (however many records one device sends: a compromised one's
+says why; a device measured on older software since the newer one appeared still runs it: those measurements
+stay its own. New software on fewer than 2 devices (however many records one device sends: a compromised one's
 are its word alone): a drift check measures the pair on up to 3 devices. A profile whose only device can run
 the variant is judged on that device's own measurements (2 at least on the new software): no second device
 will ever confirm it.
@@ -389,10 +392,10 @@ def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, 
             typical = _device_median_by(np.zeros(len(e), dtype=np.intp), m.device[rows], e, 1)[0]  # each device once
             sigma2[p] = max((1.4826 * typical) ** 2, 1e-6)
         devs = (spec.profile == p) & (n > 0) & ~excluded
-        if devs.sum() >= 5:
+        if devs.sum() >= 2:  # with 2 to 4 devices, never narrower than the prior: their spread says too little
             md = mean[devs]
             spread = (1.4826 * np.median(np.abs(md - np.median(md)))) ** 2
-            tau2[p] = max(spread - float(np.mean(sigma2[p] / n[devs])), 1e-4)
+            tau2[p] = max(spread - float(np.mean(sigma2[p] / n[devs])), 1e-4 if devs.sum() >= 5 else s.tau_prior ** 2)
     s2, t2 = sigma2[spec.profile], tau2[spec.profile]
     offset = total / (n + s2 / t2)
     offset_var = 1 / (n / s2 + 1 / t2)
@@ -405,7 +408,13 @@ def _fit_metric(spec: FleetSpec, m: Measurements, metric: str, use: np.ndarray, 
     mu2 = _device_median_by(pv[pool], m.device[pool], corrected[pool], P * V)
     mu = np.where(np.isnan(mu2), mu, mu2)
     count = np.bincount(pv[ok], minlength=P * V).astype(float)
-    mu_var = np.where(count > 0, (sigma2.repeat(V) + tau2.repeat(V)) / np.maximum(count, 1), np.nan)
+    width = int(m.device.max()) + 1 if len(m) else 1
+    pairs = np.unique(pv[ok].astype(np.int64) * width + m.device[ok])
+    devices = np.bincount(pairs // width, minlength=P * V).astype(float)
+    # how the profile's devices differ is learned from devices, the noise from measurements: one device measured
+    # 20 times is one device
+    mu_var = np.where(count > 0, tau2.repeat(V) / np.maximum(devices, 1) + sigma2.repeat(V) / np.maximum(count, 1),
+                      np.nan)
     # deviation from the profile without offset or covariates, for flagging
     dev = np.where(ok, y - mu[pv], 0.0)
     sd_one = np.sqrt(tau2[prof] + sigma2[prof] + np.nan_to_num(mu_var[pv]))
@@ -457,7 +466,10 @@ def _drift(spec: FleetSpec, m: Measurements, s: Settings) -> tuple[np.ndarray, d
         soft = m.software[rows]
         if not (soft >= 0).any():
             continue
-        newest = soft[np.argmax(np.where(soft >= 0, m.order[rows], -np.inf))]
+        # the newest software is the one that appeared last (not the one measured last: a device not yet updated,
+        # measured again, would make the old software the newest and the updated devices' measurements stale)
+        first = {int(sw): float(m.order[rows][soft == sw].min()) for sw in np.unique(soft[soft >= 0])}
+        newest = max(first, key=lambda sw: first[sw])
         new, old = rows & (m.software == newest), rows & (m.software != newest)
         if not old.any():
             continue
@@ -483,7 +495,15 @@ def _drift(spec: FleetSpec, m: Measurements, s: Settings) -> tuple[np.ndarray, d
         spread = max(float(np.std(y[old])) if old.sum() > 2 else s.tau_prior, s.sigma_prior)
         se = 1.2533 * spread * math.sqrt(1 / new.sum() + 1 / old.sum())
         if abs(shift) > max(s.drift_z * se, math.log(s.drift_min_ratio)):
-            stale |= old
+            # a device whose newest measurement of the pair is on older software, taken since the newest appeared,
+            # still runs it: its measurements on that software are its own; any other device's on older software
+            # are stale (measured again)
+            at = np.flatnonzero(rows)
+            at = at[np.lexsort((m.order[at], m.device[at]))]
+            last = at[np.r_[m.device[at][1:] != m.device[at][:-1], True]]  # each device's newest row of the pair
+            runs = np.full(len(spec.devices), newest)
+            runs[m.device[last]] = np.where(m.order[last] > first[newest], m.software[last], newest)
+            stale |= old & (m.software != runs[m.device])
             why[(p, v)] = (f"{spec.profiles[p]}/{spec.variants[v]}: p90 x{math.exp(shift):.2f} since {name} "
                            f"({int(new.sum())} measurements on {len(on_new)} devices vs {int(old.sum())} before): "
                            "measured again")

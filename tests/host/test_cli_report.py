@@ -703,9 +703,12 @@ def test_tune_says_from_what_to_what_it_switched_and_that_the_table_is_the_decis
 
 
 
-@pytest.mark.parametrize(("unit", "said"), [("runs", "benchmark runs"), ("seconds", "device-seconds")])
+@pytest.mark.parametrize(("unit", "said"), [("runs", "benchmark runs"),
+                                             ("seconds", "device-seconds (estimated: median durations)")])
 def test_tunes_budget_line_names_its_unit_as_the_option_means_it(capsys, unit, said):
-    """"budget: 9 of 9 runs spent" read as inference runs (a benchmark times hundreds); the unit is benchmarks."""
+    """"budget: 9 of 9 runs spent" read as inference runs (a benchmark times hundreds); the unit is benchmarks.
+    Device-seconds spent are what the plan counted, each benchmark at its pair's median duration in the history (or
+    --min-seconds), never timed: the line read as a measured figure."""
     from edge_kit.cli.loop import print_tune
     from edge_kit.fleet.deploy import GroupResult
     from edge_kit.loop.tune import TuneReport

@@ -600,3 +600,71 @@ def test_a_profile_of_one_device_still_detects_a_runtime_update_that_shifts_its_
     model = fit(spec, twice)
     assert (0, v) in model.drift and "x1.6" in model.drift[(0, v)] and (0, v) not in model.drift_check
     assert model.stale[:len(old)].all() and not model.stale[len(old):].any()
+
+
+@pytest.mark.parametrize("p90s", [(10.0, 20.0), (10.0, 13.0, 20.0)])
+def test_an_inferred_interval_from_a_few_devices_that_differ_is_as_wide_as_they_are(p90s):
+    """The spread of a profile's devices (tau) was its prior, 0.10, until 5 devices had measured: two Pis measured
+    at 10 and 20 ms (one on a slower SD card) gave a third '~14.1 [11.3-17.7]' ms, a 90 % interval that neither
+    measured device is in. With 2 to 4 devices it is the larger of the prior and their (robust) spread."""
+    from edge_kit.profiles import Constraints
+    from edge_kit.selection.fleetmodel import FleetSpec
+
+    k = len(p90s)
+    spec = FleetSpec(tuple(f"d{i}" for i in range(k + 1)), ("rpi4",), ("fp32",), np.zeros(k + 1, dtype=np.intp),
+                     np.ones((k + 1, 1), bool), (Constraints(),), np.zeros(k + 1, dtype=np.intp), np.ones((1, 1)),
+                     np.full(k + 1, 0.9), np.full(k + 1, -1, dtype=np.intp))
+    m = Measurements.of([{"device": d, "variant": 0, "p90_ms": p90, "order": float(d)} for d, p90 in enumerate(p90s)])
+    plan = plan_measurements(spec, m, budget=0)
+    (row,) = plan.sources(k)
+    lo, hi = row["p90_ms_interval"]
+    assert row["source"] == "inferred" and lo < min(p90s) and max(p90s) < hi, row
+    assert not plan.model.flagged.any()  # too few devices to say which one differs
+    same = Measurements.of([{"device": d, "variant": 0, "p90_ms": 10.0 + 0.1 * d, "order": float(d)} for d in range(k)])
+    assert fit(spec, same).fits["p90_ms"].tau2[0] == pytest.approx(0.10 ** 2)  # devices that agree: the prior, not less
+
+
+def test_a_fleet_half_updated_keeps_each_devices_own_figures_on_the_software_it_runs():
+    """Two of six Pis updated their runtime (p90 x1.6); the four others, still on the old one, were measured again
+    after it. The "newest" software was the one measured last: the old one, so the drift read 'x0.64 since litert
+    1.2', the updated devices' measurements on the new runtime became stale and they were decided on their 10 ms of
+    before the update, while they run at 16 ms. The newest software is the one that appeared last; a device measured
+    on older software since then still runs it: its measurements are its own."""
+    from edge_kit.profiles import Constraints
+    from edge_kit.selection.fleetmodel import FleetSpec
+
+    spec = FleetSpec(tuple(f"d{i}" for i in range(6)), ("rpi4",), ("fp32",), np.zeros(6, dtype=np.intp),
+                     np.ones((6, 1), bool), (Constraints(),), np.zeros(6, dtype=np.intp), np.ones((1, 1)),
+                     np.full(6, 0.9), np.full(6, -1, dtype=np.intp))
+    rows = [(d, 10.0 + 0.1 * d, "litert 1.2") for d in range(6)]  # all on litert 1.2
+    rows += [(0, 16.0, "litert 1.3"), (0, 16.1, "litert 1.3"), (1, 16.2, "litert 1.3"), (1, 16.0, "litert 1.3")]
+    model = fit(spec, Measurements.of([{"device": d, "variant": 0, "p90_ms": p90, "order": float(i), "software": s}
+                                       for i, (d, p90, s) in enumerate(rows)]))
+    assert "x1.57" in model.drift[(0, 0)] and "since litert 1.3" in model.drift[(0, 0)], model.drift
+    rows += [(d, 10.0 + 0.1 * d, "litert 1.2") for d in range(2, 6)]  # the four not updated, measured again
+    m = Measurements.of([{"device": d, "variant": 0, "p90_ms": p90, "order": float(i), "software": s}
+                         for i, (d, p90, s) in enumerate(rows)])
+    plan = plan_measurements(spec, m, budget=10)
+    assert "x1.5" in plan.model.drift[(0, 0)] and "since litert 1.3" in plan.model.drift[(0, 0)], plan.model.drift
+    assert plan.figures.measured.all() and not plan.measure, plan.measure  # nothing to measure again, ever
+    p90 = plan.figures.values["p90_ms"][:, 0, 0]
+    assert p90[:2] == pytest.approx([16.1, 16.0]) and p90[2:] == pytest.approx([10.2, 10.3, 10.4, 10.5])
+
+
+def test_a_profile_figure_from_one_device_measured_often_is_as_uncertain_as_one_device():
+    """The profile figure's variance was (sigma^2 + tau^2) / its measurements: one Pi measured 20 times narrowed the
+    interval inferred for the others as if 20 Pis had been (90 % claimed, about 78 % held). How the devices of a profile
+    differ is learned from devices, not from records: var mu is tau^2 / devices + sigma^2 / measurements."""
+    from edge_kit.profiles import Constraints
+    from edge_kit.selection.fleetmodel import FleetSpec
+
+    spec = FleetSpec(("a", "b"), ("rpi4",), ("fp32",), np.zeros(2, dtype=np.intp), np.ones((2, 1), bool),
+                     (Constraints(),), np.zeros(2, dtype=np.intp), np.ones((1, 1)), np.full(2, 0.9),
+                     np.full(2, -1, dtype=np.intp))
+    m = Measurements.of([{"device": 0, "variant": 0, "p90_ms": 10.0 * (1 + 0.001 * (i % 3)), "order": float(i)}
+                         for i in range(20)])
+    (row,) = plan_measurements(spec, m, budget=0).sources(1)
+    lo, hi = row["p90_ms_interval"]
+    s = Settings()
+    # at least the spread of b's offset and that of the one device the profile's figure came from (its noise: ~0)
+    assert np.log(hi / lo) / 2 >= 0.999 * 1.6448 * np.sqrt(2 * s.tau_prior ** 2), row

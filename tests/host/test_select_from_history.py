@@ -378,3 +378,45 @@ def test_tune_exits_4_when_a_rounds_switch_failed_even_with_an_infeasible_device
     report.final = tn.decide(read_manifest(folder), load_fleet(fleet).select(["a", "b"]), Store(tmp_path / "edgekit-history.db"), {}, 0.1)
     code, out, err = run_cli("tune", "--fleet", fleet, "--artifacts", folder, "--devices", "a", "--devices", "b")
     assert code == 4 and "infeasible" in out, (out, err)  # said, but the failure's code comes first
+
+
+def test_a_real_devices_figures_are_never_inferred_from_a_simulated_devices(tmp_path, run_cli):
+    """A simulated device of the profile (``edgekit sim``: its figures are this machine's) measured both variants, the
+    real device nothing: the real one's figures were inferred from the simulating host's, ``~10 ms``, as its Pi's.
+    A simulated device is its profile's hardware in name only: it is pooled with simulated devices alone."""
+    folder, _fleet = _fp32_int8_for_one_device(tmp_path, size=1000)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: f\nbroker: {host: 127.0.0.1, port: 1}\ndefaults: {user: edgekit, profile: rpi4}\n"
+                     "devices:\n  - {name: pi, host: 127.0.0.1, port: 2}\n"
+                     "  - {name: sim, host: 127.0.0.1, port: 3, simulated: true}\n"
+                     "  - {name: sim2, host: 127.0.0.1, port: 4}\n")  # the fleet file does not say; its records do
+    with Store(tmp_path / "edgekit-history.db") as store:
+        for seq, (vid, p90) in enumerate((("fp32", 30.0), ("int8", 10.0)), 1):
+            store.add("bench", messages.envelope("bench", "f", "sim", seq, {**bench_body(vid, p90, 4.0), "simulated": True}))
+        store.add("bench", messages.envelope("bench", "f", "sim2", 1, {**bench_body("fp32", 31.0, 4.0), "simulated": True}))
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    assert code == 0, err
+    got = json.loads(out)["devices"]
+    assert got["pi"]["chosen"] is None and got["pi"]["inferred"] == [], got["pi"]
+    assert all(r["source"] == "not measured" and r["p90_ms"] is None for r in got["pi"]["table"]), got["pi"]
+    assert "rpi4 has no measurements yet" in got["pi"]["reason"], got["pi"]
+    # the simulated devices are pooled together: sim2's int8 is inferred from sim's, and says it is simulated
+    assert got["sim2"]["chosen"] == "int8" and got["sim2"]["inferred"] == ["int8"], got["sim2"]
+    assert "rpi4 (simulated)" in got["sim2"]["reason"], got["sim2"]
+
+
+def test_a_bound_broken_on_inferred_figures_says_they_were_inferred(tmp_path, run_cli):
+    """b measured nothing; its profile's a measured int8 at 10 ms, and b's bound is p90 <= 8 ms. The infeasible line
+    read 'b gets int8, breaking p90 <= 8 ms', as if b had been measured: its int8 is inferred, ~10 ms with an
+    interval that holds 8. It says the figure that breaks it was inferred."""
+    folder, fleet = _fp32_int8_for_one_device(tmp_path, size=1000)
+    fleet.write_text(fleet.read_text() + "  - {name: b, host: 127.0.0.1, port: 3, constraints: {max_latency_p90_ms: 8}}\n")
+    with Store(tmp_path / "edgekit-history.db") as store:
+        store.add("bench", messages.envelope("bench", "f", "a", 1, bench_body("fp32", 30.0, 12.0)))
+        store.add("bench", messages.envelope("bench", "f", "a", 2, bench_body("int8", 10.0, 4.0)))
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder)
+    assert code == 7, (out, err)
+    assert "b gets int8, breaking p90 <= 8 ms (inferred)" in " ".join(out.split()), out
+    code, out, err = run_cli("select", "--fleet", fleet, "--artifacts", folder, "--json")
+    b = json.loads(out)["devices"]["b"]
+    assert b["inferred"] == ["fp32", "int8"] and json.loads(out)["infeasible"] == {"b": ["p90 <= 8 ms"]}, b
