@@ -240,8 +240,9 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
             roll_back(fleet, switched, opts, first, f"rolled back: the live gate was interrupted ({type(exc).__name__}"
                                                     f"{': ' + str(exc).splitlines()[0] if str(exc) else ''})")
             raise
-        if decision.action == "roll back":
-            roll_back(fleet, switched, opts, first, f"rolled back by the live gate: {decision.reason}")
+        if decision.action == "roll back":  # every canary judged, also one a run before had switched (a hold, rerun)
+            judged = [d for d in canaries if d.name in _on_candidate(first)]
+            roll_back(fleet, judged, opts, first, f"rolled back by the live gate: {decision.reason}")
         # Recorded once acted on, before the rest is deployed: a history that fails (HistoryError) then stops
         # the command with the canaries already rolled back and the rest untouched, never half-way.
         for entry in entries if record is not None else ():
@@ -261,11 +262,17 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
                        signature=signature)
 
 
+def _on_candidate(results: list[DeviceResult]) -> set[str]:
+    """Return the canaries of ``results`` that run the candidate: deployed (switched now, or on it already: a run
+    after a hold) and not rolled back; a device the deploy left out (a revoked key) runs none of it."""
+    return {r.device for r in results if r.ok and r.variant is not None and not r.rolled_back}
+
+
 def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[DeviceResult], gate: LiveGate,
           progress: Callable[[str, str], None]) -> tuple[GateDecision, list[dict[str, Any]]]:
     """Judge the canaries that passed on live traffic against the rest of their profiles; return the
     decision and the history entries that record it (one per canary judged)."""
-    ok = [d.name for d in canaries if any(r.device == d.name and r.ok for r in first)]
+    ok = [d.name for d in canaries if d.name in _on_candidate(first)]
     profiles = {d.profile for d in canaries if d.name in ok}
     controls = pick_controls([d.name for d in rest if d.profile in profiles])
     if not controls:

@@ -193,6 +193,78 @@ def test_an_interrupted_gate_puts_the_canaries_back(monkeypatch, tmp_path):
     assert rolled == ["c1"] and deployed == ["c1"] and "the live gate was interrupted (KeyboardInterrupt)" in why[0]
 
 
+def fake_shells(monkeypatch, unreachable=()) -> list[tuple[str, str]]:
+    """Make deploy's SSH shell a fake: each device answers its agent commands, listed as (device, command) in the
+    list returned, except the ``unreachable`` ones, whose connection fails (AgentError)."""
+    from edge_kit.errors import AgentError
+    from edge_kit.fleet import deploy as dep
+
+    ran: list[tuple[str, str]] = []
+
+    class Shell:
+        def __init__(self, dev, *_a, **_k):
+            self.dev = dev
+
+        def __enter__(self):
+            if self.dev.name in unreachable:
+                raise AgentError(f"{self.dev.name}: ssh: connection refused")
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def agent(self, command):
+            ran.append((self.dev.name, command))
+
+    monkeypatch.setattr(dep, "DeviceShell", Shell)
+    return ran
+
+
+def test_a_gate_roll_back_on_a_rerun_after_a_hold_rolls_back_canaries_already_on_the_candidate(monkeypatch, tmp_path):
+    """The gate held; the same deploy run again found the canary on the candidate already (skipped: nothing
+    switched) and the gate now said roll back: only canaries this run had switched were rolled back, so the
+    canary stayed on the rejected candidate, shown 'skipped', while the command said the rollout was stopped.
+    Now every canary judged on the candidate goes back, and its row says so."""
+    from edge_kit.fleet.deploy import DeployOptions, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import GateDecision
+
+    devices = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("c1", "r1", "r2")]
+
+    def fake_deploy(_fleet, targets, _opts, _progress=None, _manifest=None):
+        return GroupResult([DeviceResult(d.name, "skipped", variant="int8", reason="already current") for d in targets])
+
+    ran = fake_shells(monkeypatch)
+    monkeypatch.setattr(ro, "deploy", fake_deploy)
+    monkeypatch.setattr(ro, "read_manifest", lambda *_a: None)
+    monkeypatch.setattr(ro, "check_built_for", lambda *_a: None)
+    monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
+    monkeypatch.setattr(ro, "collect_live", lambda *_a: ([], []))
+    monkeypatch.setattr(ro, "judge_live", lambda *_a, **_k: GateDecision("roll back", "canaries slower"))
+    group = ro.rollout(SimpleNamespace(artifact_trust=lambda: None, known_hosts=None), devices, DeployOptions(tmp_path),
+                       canary=0.3, gate=ro.LiveGate(), record=lambda _d: None)
+    assert ran == [("c1", "rollback")] and group.stopped.startswith("live gate: roll back: canaries slower")
+    c1 = group.results[0]
+    assert c1.status == "failed" and c1.reason == "rolled back by the live gate: canaries slower" and c1.rolled_back
+
+
+def test_a_canary_whose_rollback_fails_is_failed_not_succeeded(monkeypatch, tmp_path):
+    """A rollback that failed left the canary 'succeeded' (its reason alone said 'rollback failed'): the table
+    showed the device that still runs the rejected candidate as one that went well."""
+    from edge_kit.fleet import deploy as dep
+    from edge_kit.fleet.inventory import Device
+
+    ran = fake_shells(monkeypatch, unreachable={"c1"})
+    results = [DeviceResult(n, "succeeded", activated=True, variant="int8") for n in ("c1", "c2")]
+    dep.roll_back(SimpleNamespace(known_hosts=None), [Device(name=n, host="h", user="u", profile="rpi4") for n in ("c1", "c2")],
+                  dep.DeployOptions(tmp_path), results, "rolled back by the live gate: canaries slower")
+    assert ran == [("c2", "rollback")] and [r.status for r in results] == ["failed", "failed"]
+    assert not results[0].rolled_back and results[1].rolled_back
+    assert results[0].reason == ("rolled back by the live gate: canaries slower; rollback failed: c1: ssh: "
+                                 "connection refused")
+
+
 def test_the_gate_polls_a_stable_spread_sample_of_a_large_fleet_as_controls():
     from edge_kit.loop.rollout import MAX_CONTROLS, pick_controls
 
