@@ -343,17 +343,19 @@ def wave_ends(n: int, waves: tuple[float, ...]) -> list[int]:
     return ends
 
 
-def live_judge(fleet: Fleet, gate: LiveGate,
-               progress: Callable[[str, str], None] | None = None) -> Callable[[list[str], list[str]], GateDecision]:
+def live_judge(fleet: Fleet, gate: LiveGate, progress: Callable[[str, str], None] | None = None,
+               candidates: dict[str, str] | None = None) -> Callable[[list[str], list[str]], GateDecision]:
     """Return the judge of a rollout's first wave: the canaries' live latency (and shadow fidelity)
     against the control devices of the same profiles that still run the current model, by
-    :func:`edge_kit.selection.gate.judge_live` (the same gate as ``deploy --canary --gate live``)."""
+    :func:`edge_kit.selection.gate.judge_live` (the same gate as ``deploy --canary --gate live``).
+    ``candidates``: each device's artifact sha256 in the plan (a canary's figures count while it serves its own; a
+    control serving any is no control: :func:`~edge_kit.loop.rollout.collect_live`)."""
     def judge(canaries: list[str], controls: list[str]) -> GateDecision:
         if not canaries:
             return GateDecision("hold", "no canary converged: nothing to judge")
         if not controls:
             return GateDecision("hold", "no control device of the canaries' profiles still runs the current model")
-        cans, ctrls = collect_live(fleet, canaries, controls, gate, progress or (lambda _d, _m: None))
+        cans, ctrls = collect_live(fleet, canaries, controls, gate, progress or (lambda _d, _m: None), candidates)
         return judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
                           min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
     return judge

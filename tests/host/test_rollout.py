@@ -134,6 +134,54 @@ def test_live_figures_too_large_for_a_float_are_no_evidence_and_no_crash(monkeyp
     assert cans[0].samples_ms == [1.0, 2.0, 3.0] and ctrls[0].samples_ms == [5.0, 6.0]
 
 
+def polled(monkeypatch, answers: dict[str, list]) -> None:
+    """Make device ``name`` answer the gate's polls with ``answers[name]`` in turn, then its last one again."""
+    def live(name):
+        return answers[name].pop(0) if len(answers[name]) > 1 else answers[name][0]
+
+    fake_fleet(monkeypatch, live)
+
+
+def test_a_canary_whose_agent_restarts_keeps_what_it_gave_and_counts_its_requests_since(monkeypatch):
+    """The gate counted a device's samples as those answered since its first poll, by the served model's request
+    counter: an agent restarting mid-window starts that counter again, so the canary's samples were dropped and
+    none counted until it had answered as many requests again as before (the gate held for want of traffic)."""
+    from edge_kit.loop import rollout as ro
+
+    a = {"sha256": "a" * 64, "variant": "int8"}
+    polled(monkeypatch, {
+        "c1": [{"requests": 100, "model": a, "since": 1.0},
+               {"requests": 104, "model": a, "since": 1.0, "latency_samples_ms": [9.0] * 100 + [1.0, 2.0, 3.0, 4.0]},
+               {"requests": 3, "model": a, "since": 50.0, "latency_samples_ms": [5.0, 6.0, 7.0]},  # restarted
+               {"requests": 6, "model": a, "since": 50.0, "latency_samples_ms": [5.0, 6.0, 7.0, 8.0, 9.0, 10.0]}],
+        "k1": [{"requests": 0}, {"requests": 20, "latency_samples_ms": [1.0] * 20}]})
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=0.5, min_samples=10), lambda *_: None,
+                                  {"c1": "a" * 64})
+    assert cans[0].samples_ms == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+
+
+def test_only_a_canarys_figures_on_its_candidate_count_and_a_control_on_a_candidate_is_dropped(monkeypatch):
+    """The gate took whatever model a device served: a canary whose agent went back to its previous model had
+    that model's service times judged as the candidate's, and a control already serving the candidate (a device
+    given it by an earlier deploy) compared the candidate with itself. Both made a slower candidate look fine."""
+    from edge_kit.loop import rollout as ro
+
+    cand, old = {"sha256": "a" * 64, "variant": "int8"}, {"sha256": "b" * 64, "variant": "fp32"}
+    said = []
+    polled(monkeypatch, {
+        "c1": [{"requests": 0, "model": cand, "since": 1.0},
+               {"requests": 5, "model": cand, "since": 1.0, "latency_samples_ms": [3.0] * 5},
+               {"requests": 300, "model": old, "since": 9.0, "latency_samples_ms": [1.0] * 300}],  # swapped back
+        "k1": [{"requests": 0, "model": cand, "since": 1.0}],
+        "k2": [{"requests": 0, "model": old, "since": 1.0},
+               {"requests": 300, "model": old, "since": 1.0, "latency_samples_ms": [1.0] * 300}]})
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1", "k2"], ro.LiveGate(window_s=0.5, min_samples=10),
+                                  lambda d, m: said.append((d, m)), {"c1": "a" * 64})
+    assert cans[0].samples_ms == [3.0] * 5 and [e.device for e in ctrls] == ["k2"]
+    assert ("k1", f"serves a candidate ({'a' * 12}); dropped from the controls") in said
+    assert ("c1", f"serves {'b' * 12}, not its candidate: its figures are not counted") in said
+
+
 def test_a_silent_device_does_not_stop_the_gate(monkeypatch):
     """One control among many is offline (its `state` request times out): before, the AgentTimeout ended the
     gate (and the command) with the canaries on the candidate. Now that control is dropped and named; a

@@ -279,7 +279,7 @@ def test_rollout_resume_exits_4_naming_the_canary_whose_gate_decision_the_histor
     broker = FakeBroker()
     monkeypatch.setattr(Store, "add_decision", add_decision)
     monkeypatch.setattr(FleetClient, "of", lambda *_a, on_reported, **_k: broker(on_reported))
-    monkeypatch.setattr(waves, "live_judge", lambda *_a: lambda *_b: GateDecision("promote", "simulated promote"))
+    monkeypatch.setattr(waves, "live_judge", lambda *_a, **_k: lambda *_b: GateDecision("promote", "simulated promote"))
     code, out, err = run_cli("rollout", "resume", "--fleet", fleet_file, "r")
     text = " ".join(out.split())
     assert code == 4, (out, err)
