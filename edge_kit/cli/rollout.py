@@ -72,8 +72,10 @@ def _drive(fleet_file: Path, db: Any, rid: str, as_json: bool) -> dict[str, Any]
 
     fleet = load_fleet(fleet_file)
     record = db.rollout(rid)
-    gate = (record or {}).get("body", {}).get("gate")
-    judge = live_judge(fleet, LiveGate(**gate)) if gate else None
+    body = (record or {}).get("body", {})
+    gate = body.get("gate")
+    judge = live_judge(fleet, LiveGate(**gate), candidates={n: t["sha256"] for n, t in body["targets"].items()}) \
+        if gate else None
     members = {d.name for d in fleet.devices}
     revoked = revoked_devices(fleet)  # since the plan: not sent again, not waited for
 

@@ -602,16 +602,17 @@ def interrupted_text(devices: list[Device], futures: list[Future[DeviceResult]])
 
 
 def roll_back(fleet: Fleet, devices: list[Device], opts: DeployOptions, results: list[DeviceResult], why: str) -> None:
-    """Put devices back on their previous model (best effort, noted per device): each succeeded one
-    becomes failed with ``why``; a rollback that fails is added to the device's reason."""
+    """Put devices back on their previous model (best effort, noted per device): each one not failed yet
+    becomes failed with ``why``; a rollback that fails is added to the device's reason (it runs what it was to
+    be rolled back from)."""
     by_name = {r.device: r for r in results}
     for dev in devices:
         r = by_name[dev.name]
+        if r.status != "failed":  # succeeded, or skipped on the model already (a rerun): it is not to stay on it
+            r.status, r.reason = "failed", why
         try:
             with DeviceShell(dev, fleet.known_hosts, opts.trust_new_hosts) as shell:
                 shell.agent("rollback")
             r.roll_back_noted()
-            if r.status == "succeeded":
-                r.status, r.reason = "failed", why
         except EdgeKitError as exc:
             r.reason = f"{r.reason or ''}; rollback failed: {exc}".lstrip("; ")

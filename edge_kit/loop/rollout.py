@@ -126,7 +126,8 @@ def pick_controls(names: list[str], limit: int = MAX_CONTROLS) -> list[str]:
 
 
 def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: LiveGate,
-             progress: Callable[[str, str], None]) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
+                 progress: Callable[[str, str], None], candidates: dict[str, str] | None = None
+                 ) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
     """Poll the devices' live figures until every one has ``min_samples`` answered since the gate
     started (what the health benchmark and the first requests after the switch did is not counted),
     or the window ends.
@@ -134,6 +135,10 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
     A device that does not answer (offline, its agent stopped, a refusal) is named in ``progress`` and
     never stops the gate: a canary is asked again next round (it keeps what it gave, and with too few
     samples the gate holds); a control is dropped for the rest of the window (the others stand in).
+    A device whose served model's counters began again (its agent restarted, or it swapped models: a new
+    ``since`` or model) keeps what it gave and counts all its requests since. ``candidates`` (device -> the sha256 of
+    the candidate it gets): a canary's figures count only while it serves its own, and a control serving any of them
+    is dropped (it is no control); each is named in ``progress``.
 
     Returns:
         The canaries' and the controls' evidence, in the order given (empty samples where none came), each
@@ -144,8 +149,12 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
     """
     profile = {d.name: d.profile for d in fleet.devices} if fleet is not None else {}  # compared within a profile
     evidence: dict[str, LiveEvidence] = {n: LiveEvidence(n, [], profile=profile.get(n)) for n in canaries + controls}
-    start: dict[str, int] = {}  # requests each device's served model had answered when the gate started
-    dropped: set[str] = set()  # controls that did not answer
+    # per device: its served model and counters' start (sha256, since), the requests answered at the gate's start (0
+    # for counters begun since), and the last count seen; with what it gave before its counters began again
+    start: dict[str, tuple[Any, float, float]] = {}
+    banked: dict[str, list[float]] = {n: [] for n in canaries + controls}
+    wanted = set((candidates or {}).values())
+    dropped: set[str] = set()  # controls that did not answer, or serve a candidate
     deadline = time.monotonic() + gate.window_s
     with FleetClient.of(fleet) as client:
         if gate.shadow_share > 0:
@@ -170,12 +179,26 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                     continue
                 live = field_at(answer, "result", "live")
                 answered = _number(field_at(live, "requests")) or 0  # a device's word: numbers only, any shape
-                start.setdefault(name, answered)
-                new = int(answered - start[name])
+                model = field_at(live, "model", "sha256")
+                model = model if isinstance(model, str) else None  # a device's word: a name, or nothing served
+                if name in controls and model in wanted:
+                    dropped.add(name)
+                    progress(name, f"serves a candidate ({model[:12]}); dropped from the controls")
+                    continue
+                epoch = (model, field_at(live, "since"))
+                if name in start and (epoch != start[name][0] or answered < start[name][2]):  # its counters began again
+                    banked[name] = list(evidence[name].samples_ms)
+                    start[name] = (epoch, 0, answered)
+                base = start.setdefault(name, (epoch, answered, answered))[1]
+                start[name] = (epoch, base, answered)
+                if name in canaries and name in (candidates or {}) and model != candidates[name]:  # not its candidate
+                    progress(name, f"serves {(model or 'no model')[:12]}, not its candidate: its figures are not counted")
+                    continue
+                new = int(answered - base)
                 samples = field_at(live, "latency_samples_ms")
                 # the newest answered since the gate started, never more than were asked for (a device's word)
                 samples = samples[-min(new, LIVE_SAMPLES):] if isinstance(samples, list) and new > 0 else []
-                evidence[name] = LiveEvidence(name, [s for s in samples if _number(s) is not None],
+                evidence[name] = LiveEvidence(name, banked[name] + [s for s in samples if _number(s) is not None],
                                               _number(field_at(live, "shadow", "fidelity", "snr_db")), profile.get(name))
             enough = all(len(evidence[n].samples_ms) >= gate.min_samples for n in canaries) and \
                 sum(len(evidence[n].samples_ms) for n in controls if n not in dropped) >= gate.min_samples
@@ -240,8 +263,9 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
             roll_back(fleet, switched, opts, first, f"rolled back: the live gate was interrupted ({type(exc).__name__}"
                                                     f"{': ' + str(exc).splitlines()[0] if str(exc) else ''})")
             raise
-        if decision.action == "roll back":
-            roll_back(fleet, switched, opts, first, f"rolled back by the live gate: {decision.reason}")
+        if decision.action == "roll back":  # every canary judged, also one a run before had switched (a hold, rerun)
+            judged = [d for d in canaries if d.name in _on_candidate(first)]
+            roll_back(fleet, judged, opts, first, f"rolled back by the live gate: {decision.reason}")
         # Recorded once acted on, before the rest is deployed: a history that fails (HistoryError) then stops
         # the command with the canaries already rolled back and the rest untouched, never half-way.
         for entry in entries if record is not None else ():
@@ -261,18 +285,25 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
                        signature=signature)
 
 
+def _on_candidate(results: list[DeviceResult]) -> set[str]:
+    """Return the canaries of ``results`` that run the candidate: deployed (switched now, or on it already: a run
+    after a hold) and not rolled back; a device the deploy left out (a revoked key) runs none of it."""
+    return {r.device for r in results if r.ok and r.variant is not None and not r.rolled_back}
+
+
 def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[DeviceResult], gate: LiveGate,
           progress: Callable[[str, str], None]) -> tuple[GateDecision, list[dict[str, Any]]]:
     """Judge the canaries that passed on live traffic against the rest of their profiles; return the
     decision and the history entries that record it (one per canary judged)."""
-    ok = [d.name for d in canaries if any(r.device == d.name and r.ok for r in first)]
+    ok = [d.name for d in canaries if d.name in _on_candidate(first)]
     profiles = {d.profile for d in canaries if d.name in ok}
     controls = pick_controls([d.name for d in rest if d.profile in profiles])
     if not controls:
         decision = GateDecision("hold", f"no control device on profile(s) {', '.join(sorted(profiles)) or '-'} "
                                         "still runs the current model to compare with")
     else:
-        cans, ctrls = collect_live(fleet, ok, controls, gate, progress)
+        cans, ctrls = collect_live(fleet, ok, controls, gate, progress,
+                                   {r.device: r.sha256 for r in first if r.device in ok and r.sha256})
         decision = judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
                               min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
     return decision, [{"device": r.device, "kind": "live gate", "chosen": r.variant, "current": None,

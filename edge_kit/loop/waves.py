@@ -343,17 +343,19 @@ def wave_ends(n: int, waves: tuple[float, ...]) -> list[int]:
     return ends
 
 
-def live_judge(fleet: Fleet, gate: LiveGate,
-               progress: Callable[[str, str], None] | None = None) -> Callable[[list[str], list[str]], GateDecision]:
+def live_judge(fleet: Fleet, gate: LiveGate, progress: Callable[[str, str], None] | None = None,
+               candidates: dict[str, str] | None = None) -> Callable[[list[str], list[str]], GateDecision]:
     """Return the judge of a rollout's first wave: the canaries' live latency (and shadow fidelity)
     against the control devices of the same profiles that still run the current model, by
-    :func:`edge_kit.selection.gate.judge_live` (the same gate as ``deploy --canary --gate live``)."""
+    :func:`edge_kit.selection.gate.judge_live` (the same gate as ``deploy --canary --gate live``).
+    ``candidates``: each device's artifact sha256 in the plan (a canary's figures count while it serves its own; a
+    control serving any is no control: :func:`~edge_kit.loop.rollout.collect_live`)."""
     def judge(canaries: list[str], controls: list[str]) -> GateDecision:
         if not canaries:
             return GateDecision("hold", "no canary converged: nothing to judge")
         if not controls:
             return GateDecision("hold", "no control device of the canaries' profiles still runs the current model")
-        cans, ctrls = collect_live(fleet, canaries, controls, gate, progress or (lambda _d, _m: None))
+        cans, ctrls = collect_live(fleet, canaries, controls, gate, progress or (lambda _d, _m: None), candidates)
         return judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
                           min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
     return judge
@@ -619,7 +621,11 @@ class Rollout:
                     self.rows[d]["state"] = "planned"
             self._recount()
             last_beat = last_flush = last_shown = 0.0
-            for w, end in enumerate(ends):
+            gated = plan.get("gated") or {}
+            if gated.get("action") == "roll back":  # interrupted while sending the first wave back: finish that alone
+                state, reason = self._roll_back_first_wave(plan, order[:ends[0]], str(gated.get("reason")), client,
+                                                           frozenset(resumed))
+            for w, end in enumerate(ends if state == "done" else ()):
                 interval = 1.0 / settings.rate_per_s if settings.rate_per_s else 0.0
                 next_send = time.monotonic()
                 deadline = None
@@ -705,7 +711,7 @@ class Rollout:
 
     def _gate(self, plan: dict[str, Any], order: list[str], first: int, client: Any) -> tuple[str, str | None]:
         """Judge the first wave on live traffic; return ``("done", None)`` to go on, ``("held", why)``,
-        or ``("rolled back", why)`` after sending each canary its previous model as a new desired state.
+        or ``("rolled back", why)`` after sending the first wave back (:meth:`_roll_back_first_wave`).
 
         Raises:
             RolloutError: the plan asks for a gate and no judge was given.
@@ -745,27 +751,60 @@ class Rollout:
         for d, why in unrecorded.items():
             self._set(d, detail={"history": "; ".join(why)})
         plan["gated"] = decision.as_dict()  # a resumed rollout does not judge again
-        self._db("saving the gate", lambda: self.history.save_rollout(self.rid, "running", plan))
+        # a hold is stored as held with the decision, in one write: a resume after a failure in between would take the
+        # rollout for one promoted by hand; a roll back stays running until sent, so a resume finishes it
+        self._db("saving the gate", lambda: self.history.save_rollout(
+            self.rid, "held" if decision.action == "hold" else "running", plan))
         if decision.action == "promote":
             return "done", None
         if decision.action == "hold":
             return "held", f"live gate: hold: {decision.reason}"
-        back, stuck = [], []
-        for d in canaries:
-            prev = (self.rows[d].get("detail") or {}).get("previous")
-            if not _model_ref(prev):
-                stuck.append(d)  # it named no previous model: nothing to send it back to
-                self._set(d, detail={"error": f"live gate: {decision.reason}; kept on the candidate: it reported no "
-                                              "previous model to go back to (roll it back with a rollout of the old model)"})
-                continue
-            desired = self._send_back(d, prev, plan, f"live gate: {decision.reason}")
-            if desired is None:  # nothing above what it reported: it cannot be sent back (its row says so)
-                stuck.append(d)
-                continue
-            back.append((d, desired))
+        return self._roll_back_first_wave(plan, order[:first], decision.reason, client)
+
+    def _roll_back_first_wave(self, plan: dict[str, Any], first: list[str], why: str, client: Any,
+                              resent: frozenset[str] = frozenset()) -> tuple[str, str]:
+        """Carry out the live gate's roll back (``why``: its reason) on the first wave's devices ``first``: each canary
+        (converged, or sent back before without an answer) is sent its previous model as a new desired state; each
+        device still on its way to the candidate (sent, fetching, failed; ``resent``: sent before a resume) is told to
+        hold the model it runs (:meth:`~edgekit_protocol.desired.Desired.holding`), or it would take the rejected
+        candidate when it comes back or retries. Waits for their answers (``wave_timeout_s``).
+
+        Returns:
+            ``("rolled back", why)``: the reason, with how many canaries were sent back and which could not be.
+        """
+        back, stuck, canaries, held = [], [], 0, 0
+        for d in first:
+            row = self.rows[d]
+            state, detail = row["state"], row.get("detail") or {}
+            if state == "converged" or (state == "rolling back" and not detail.get("hold")):
+                canaries += 1
+                prev = detail.get("previous") if state == "converged" else detail.get("back_to")
+                if not _model_ref(prev):
+                    stuck.append(d)  # it named no previous model: nothing to send it back to
+                    self._set(d, detail={"error": f"live gate: {why}; kept on the candidate: it reported no previous "
+                                                  "model to go back to (roll it back with a rollout of the old model)"})
+                    continue
+                desired = self._send_back(d, prev, plan, f"live gate: {why}")
+                if desired is None:  # nothing above what it reported: it cannot be sent back (its row says so)
+                    stuck.append(d)
+                    continue
+                back.append((d, desired))
+            elif (state in ("sent", "fetching") or d in resent or (state == "rolling back" and detail.get("hold"))
+                  or (state == "failed" and not _model_ref(detail.get("back_to")))):  # not a failed rollback
+                rev = self._revision(d)
+                if rev is None:
+                    self._set(d, detail={"error": f"live gate: {why}; not told to hold: {self._no_revision(d)}"})
+                    continue
+                held += 1
+                back.append((d, Desired.holding(self.rid, rev)))
+                self._set(d, state="rolling back", revision=rev, detail={
+                    "error": f"live gate: {why}; told to keep the model it runs (it had not converged on the candidate)",
+                    "hold": True, "candidate": plan["targets"][d]["sha256"], **_resent()})
         self._publish_back(back, client, plan["settings"]["wave_timeout_s"])
-        return "rolled back", (f"live gate: roll back: {decision.reason}; {len(back)} of {len(canaries)} canaries "
+        return "rolled back", (f"live gate: roll back: {why}; {canaries - len(stuck)} of {canaries} canaries "
                                "sent back to their previous model"
+                               + (f"; {held} device(s) of the first wave not on the candidate told to keep their model"
+                                  if held else "")
                                + (f"; kept on the candidate (each row says why): {', '.join(stuck)}" if stuck else ""))
 
     def _send_back(self, device: str, model: dict[str, Any], plan: dict[str, Any], why: str) -> Desired | None:

@@ -31,7 +31,8 @@ divided by the median of its profile's control medians before the test and the g
 wave with more of a fast profile than the controls have neither hides a slower candidate nor blames
 a good one. A canary whose profile has no control with traffic (every device of that profile is a
 canary: nobody else of it gets the candidate on promotion) is left out of the test and named in the
-reason; when that is every canary, the gate holds. Service times
+reason; so is a canary whose profile's control median is 0 ms (nothing to divide by); when that is every canary,
+the gate holds. Service times
 that are not finite, or negative, are refused and counted
 (``refused_samples``), never passed to the test.
 
@@ -161,12 +162,19 @@ def judge_live(canaries: list[LiveEvidence], controls: list[LiveEvidence], *, al
     # Each profile is its own scale: a device's figures are divided by the median of its profile's control
     # medians, so a canary wave richer in a fast profile than the controls is not a faster candidate.
     kept = [(e.profile, a) for e, a in zip(controls, ctrls) if len(a)]
-    scale = {pr: float(np.median([np.median(a) for q, a in kept if q == pr])) for pr in {q for q, _ in kept}}
-    blind = [e.device for e in canaries if e.profile not in scale]  # a profile every device of which is a canary
-    alone = ("; not judged live (no control device of their profile with live traffic): " + ", ".join(blind)
-             if blind else "")
-    if len(blind) == len(canaries):
-        return GateDecision("hold", "no control device with live traffic on profile(s) "
+    medians = {pr: float(np.median([np.median(a) for q, a in kept if q == pr])) for pr in {q for q, _ in kept}}
+    # A profile whose controls' median is 0 ms (a device's word, or a timer that cannot see them) is no scale: every
+    # ratio to it is infinite or NaN, and a NaN p-value promoted a candidate however slow.
+    scale = {pr: m for pr, m in medians.items() if m > 0}
+    kept = [(q, a) for q, a in kept if q in scale]
+    blind = [e.device for e in canaries if e.profile not in medians]  # a profile every device of which is a canary
+    zero = [e.device for e in canaries if e.profile in medians and e.profile not in scale]
+    alone = (("; not judged live (no control device of their profile with live traffic): " + ", ".join(blind)
+              if blind else "")
+             + ("; not judged live (their profile's control median is 0 ms: nothing to compare with): " + ", ".join(zero)
+                if zero else ""))
+    if len(blind) + len(zero) == len(canaries):
+        return GateDecision("hold", f"no control device with live traffic{' above 0 ms' if zero else ''} on profile(s) "
                                     f"{', '.join(sorted({str(e.profile) for e in canaries}))} to compare the canaries with",
                             control_samples=len(ctrl), refused_samples=refused, settings=settings)
     canaries, cans = zip(*[(e, a) for e, a in zip(canaries, cans) if e.profile in scale])
@@ -180,7 +188,7 @@ def judge_live(canaries: list[LiveEvidence], controls: list[LiveEvidence], *, al
         x, y, raw_x, raw_y = can_med / can_scale, ctl_med / ctl_scale, can_med, ctl_med
     else:
         unit, test = "requests", REQUEST_TEST
-        raw_x, raw_y = cand, ctrl
+        raw_x, raw_y = cand, np.concatenate([a for _, a in kept])
         x = np.concatenate([a / sc for a, sc in zip(cans, can_scale)])
         y = np.concatenate([a / sc for (_, a), sc in zip(kept, ctl_scale)])
     if len(scale) > 1:

@@ -193,3 +193,18 @@ def test_one_canary_slower_than_every_one_of_200_controls_with_tied_medians_is_r
     d = judge_live([LiveEvidence("c1", [3.0] * 300)], controls)
     assert mannwhitneyu([3.0], medians, alternative="greater").pvalue > 0.04  # what the default would give
     assert d.unit == "devices" and d.p_value == pytest.approx(1 / 201) and d.action == "roll back"
+
+
+def test_controls_whose_median_is_zero_never_turn_a_slower_canary_into_a_promote():
+    """A control answering 0 ms (a service time the wire checks pass) made every ratio to its profile's median
+    infinite or NaN: p = nan, and NaN < alpha is false, so a canary at 5 ms was promoted. Now that profile has no
+    scale: its canaries are left out of the test and named, and when they are all the canaries the gate holds."""
+    one = judge_live([LiveEvidence("c1", [5.0] * 300)], [LiveEvidence("k1", [0.0] * 300)])
+    many = judge_live([LiveEvidence("c1", [5.0] * 300)], [LiveEvidence(f"k{i}", [0.0] * 300) for i in range(120)])
+    for d in (one, many):
+        assert d.action == "hold" and "no control device with live traffic above 0 ms on profile(s)" in d.reason
+    mixed = judge_live([LiveEvidence("c1", times(300, 2.0), profile="rpi4"), LiveEvidence("c2", [5.0] * 300, profile="coral")],
+                       [LiveEvidence("k1", times(300, 1.0), profile="rpi4"), LiveEvidence("k2", [0.0] * 300, profile="coral")])
+    assert mixed.action == "roll back" and np.isfinite(mixed.p_value) and np.isfinite(mixed.slowdown)
+    assert mixed.reason.endswith("not judged live (their profile's control median is 0 ms: nothing to compare with): c2")
+    assert mixed.control_p50_ms == pytest.approx(1.0, rel=0.1)  # k2's zeros are not the controls' median either

@@ -134,6 +134,54 @@ def test_live_figures_too_large_for_a_float_are_no_evidence_and_no_crash(monkeyp
     assert cans[0].samples_ms == [1.0, 2.0, 3.0] and ctrls[0].samples_ms == [5.0, 6.0]
 
 
+def polled(monkeypatch, answers: dict[str, list]) -> None:
+    """Make device ``name`` answer the gate's polls with ``answers[name]`` in turn, then its last one again."""
+    def live(name):
+        return answers[name].pop(0) if len(answers[name]) > 1 else answers[name][0]
+
+    fake_fleet(monkeypatch, live)
+
+
+def test_a_canary_whose_agent_restarts_keeps_what_it_gave_and_counts_its_requests_since(monkeypatch):
+    """The gate counted a device's samples as those answered since its first poll, by the served model's request
+    counter: an agent restarting mid-window starts that counter again, so the canary's samples were dropped and
+    none counted until it had answered as many requests again as before (the gate held for want of traffic)."""
+    from edge_kit.loop import rollout as ro
+
+    a = {"sha256": "a" * 64, "variant": "int8"}
+    polled(monkeypatch, {
+        "c1": [{"requests": 100, "model": a, "since": 1.0},
+               {"requests": 104, "model": a, "since": 1.0, "latency_samples_ms": [9.0] * 100 + [1.0, 2.0, 3.0, 4.0]},
+               {"requests": 3, "model": a, "since": 50.0, "latency_samples_ms": [5.0, 6.0, 7.0]},  # restarted
+               {"requests": 6, "model": a, "since": 50.0, "latency_samples_ms": [5.0, 6.0, 7.0, 8.0, 9.0, 10.0]}],
+        "k1": [{"requests": 0}, {"requests": 20, "latency_samples_ms": [1.0] * 20}]})
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=0.5, min_samples=10), lambda *_: None,
+                                  {"c1": "a" * 64})
+    assert cans[0].samples_ms == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+
+
+def test_only_a_canarys_figures_on_its_candidate_count_and_a_control_on_a_candidate_is_dropped(monkeypatch):
+    """The gate took whatever model a device served: a canary whose agent went back to its previous model had
+    that model's service times judged as the candidate's, and a control already serving the candidate (a device
+    given it by an earlier deploy) compared the candidate with itself. Both made a slower candidate look fine."""
+    from edge_kit.loop import rollout as ro
+
+    cand, old = {"sha256": "a" * 64, "variant": "int8"}, {"sha256": "b" * 64, "variant": "fp32"}
+    said = []
+    polled(monkeypatch, {
+        "c1": [{"requests": 0, "model": cand, "since": 1.0},
+               {"requests": 5, "model": cand, "since": 1.0, "latency_samples_ms": [3.0] * 5},
+               {"requests": 300, "model": old, "since": 9.0, "latency_samples_ms": [1.0] * 300}],  # swapped back
+        "k1": [{"requests": 0, "model": cand, "since": 1.0}],
+        "k2": [{"requests": 0, "model": old, "since": 1.0},
+               {"requests": 300, "model": old, "since": 1.0, "latency_samples_ms": [1.0] * 300}]})
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1", "k2"], ro.LiveGate(window_s=0.5, min_samples=10),
+                                  lambda d, m: said.append((d, m)), {"c1": "a" * 64})
+    assert cans[0].samples_ms == [3.0] * 5 and [e.device for e in ctrls] == ["k2"]
+    assert ("k1", f"serves a candidate ({'a' * 12}); dropped from the controls") in said
+    assert ("c1", f"serves {'b' * 12}, not its candidate: its figures are not counted") in said
+
+
 def test_a_silent_device_does_not_stop_the_gate(monkeypatch):
     """One control among many is offline (its `state` request times out): before, the AgentTimeout ended the
     gate (and the command) with the canaries on the candidate. Now that control is dropped and named; a
@@ -191,6 +239,78 @@ def test_an_interrupted_gate_puts_the_canaries_back(monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         ro.rollout(SimpleNamespace(artifact_trust=lambda: None), devices, DeployOptions(tmp_path), canary=0.3, gate=ro.LiveGate(), record=lambda _d: None)
     assert rolled == ["c1"] and deployed == ["c1"] and "the live gate was interrupted (KeyboardInterrupt)" in why[0]
+
+
+def fake_shells(monkeypatch, unreachable=()) -> list[tuple[str, str]]:
+    """Make deploy's SSH shell a fake: each device answers its agent commands, listed as (device, command) in the
+    list returned, except the ``unreachable`` ones, whose connection fails (AgentError)."""
+    from edge_kit.errors import AgentError
+    from edge_kit.fleet import deploy as dep
+
+    ran: list[tuple[str, str]] = []
+
+    class Shell:
+        def __init__(self, dev, *_a, **_k):
+            self.dev = dev
+
+        def __enter__(self):
+            if self.dev.name in unreachable:
+                raise AgentError(f"{self.dev.name}: ssh: connection refused")
+            return self
+
+        def __exit__(self, *_):
+            return None
+
+        def agent(self, command):
+            ran.append((self.dev.name, command))
+
+    monkeypatch.setattr(dep, "DeviceShell", Shell)
+    return ran
+
+
+def test_a_gate_roll_back_on_a_rerun_after_a_hold_rolls_back_canaries_already_on_the_candidate(monkeypatch, tmp_path):
+    """The gate held; the same deploy run again found the canary on the candidate already (skipped: nothing
+    switched) and the gate now said roll back: only canaries this run had switched were rolled back, so the
+    canary stayed on the rejected candidate, shown 'skipped', while the command said the rollout was stopped.
+    Now every canary judged on the candidate goes back, and its row says so."""
+    from edge_kit.fleet.deploy import DeployOptions, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import GateDecision
+
+    devices = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("c1", "r1", "r2")]
+
+    def fake_deploy(_fleet, targets, _opts, _progress=None, _manifest=None):
+        return GroupResult([DeviceResult(d.name, "skipped", variant="int8", reason="already current") for d in targets])
+
+    ran = fake_shells(monkeypatch)
+    monkeypatch.setattr(ro, "deploy", fake_deploy)
+    monkeypatch.setattr(ro, "read_manifest", lambda *_a: None)
+    monkeypatch.setattr(ro, "check_built_for", lambda *_a: None)
+    monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
+    monkeypatch.setattr(ro, "collect_live", lambda *_a: ([], []))
+    monkeypatch.setattr(ro, "judge_live", lambda *_a, **_k: GateDecision("roll back", "canaries slower"))
+    group = ro.rollout(SimpleNamespace(artifact_trust=lambda: None, known_hosts=None), devices, DeployOptions(tmp_path),
+                       canary=0.3, gate=ro.LiveGate(), record=lambda _d: None)
+    assert ran == [("c1", "rollback")] and group.stopped.startswith("live gate: roll back: canaries slower")
+    c1 = group.results[0]
+    assert c1.status == "failed" and c1.reason == "rolled back by the live gate: canaries slower" and c1.rolled_back
+
+
+def test_a_canary_whose_rollback_fails_is_failed_not_succeeded(monkeypatch, tmp_path):
+    """A rollback that failed left the canary 'succeeded' (its reason alone said 'rollback failed'): the table
+    showed the device that still runs the rejected candidate as one that went well."""
+    from edge_kit.fleet import deploy as dep
+    from edge_kit.fleet.inventory import Device
+
+    ran = fake_shells(monkeypatch, unreachable={"c1"})
+    results = [DeviceResult(n, "succeeded", activated=True, variant="int8") for n in ("c1", "c2")]
+    dep.roll_back(SimpleNamespace(known_hosts=None), [Device(name=n, host="h", user="u", profile="rpi4") for n in ("c1", "c2")],
+                  dep.DeployOptions(tmp_path), results, "rolled back by the live gate: canaries slower")
+    assert ran == [("c2", "rollback")] and [r.status for r in results] == ["failed", "failed"]
+    assert not results[0].rolled_back and results[1].rolled_back
+    assert results[0].reason == ("rolled back by the live gate: canaries slower; rollback failed: c1: ssh: "
+                                 "connection refused")
 
 
 def test_the_gate_polls_a_stable_spread_sample_of_a_large_fleet_as_controls():

@@ -279,7 +279,7 @@ def test_rollout_resume_exits_4_naming_the_canary_whose_gate_decision_the_histor
     broker = FakeBroker()
     monkeypatch.setattr(Store, "add_decision", add_decision)
     monkeypatch.setattr(FleetClient, "of", lambda *_a, on_reported, **_k: broker(on_reported))
-    monkeypatch.setattr(waves, "live_judge", lambda *_a: lambda *_b: GateDecision("promote", "simulated promote"))
+    monkeypatch.setattr(waves, "live_judge", lambda *_a, **_k: lambda *_b: GateDecision("promote", "simulated promote"))
     code, out, err = run_cli("rollout", "resume", "--fleet", fleet_file, "r")
     text = " ".join(out.split())
     assert code == 4, (out, err)
@@ -564,6 +564,62 @@ def test_a_plan_whose_desired_state_the_devices_would_refuse_is_refused_at_start
     error = json.loads(out)["error"]
     assert "a: the device would refuse its desired state" in error and "'rollout'" in error and "\n" not in error
     assert Store(tmp_path / "edgekit-history.db").rollout("x" * 600) is None
+
+
+def test_a_gate_roll_back_interrupted_while_sending_the_canaries_back_is_finished_by_resume(tmp_path):
+    """The gate's decision was stored (the rollout still running) before the canaries were sent back: Ctrl-C or the
+    host going down while sending them, and `resume` took the decision as done and sent the rejected candidate to
+    every later wave. Now a resume finishes the roll back and sends nothing else."""
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, gate={"window_s": 1})
+    broker = FakeBroker(crash_after=2)  # the first wave's two desired states go out; the host dies sending them back
+    with pytest.raises(RolloutInterrupted):
+        Rollout(history, "r", broker, judge=lambda c, k: GateDecision("roll back", "canaries slower")).run()
+    assert history.rollout("r")["state"] == "running"
+    broker.crash_after = None
+    out = Rollout(history, "r", broker, judge=lambda c, k: pytest.fail("judged again")).run()
+    assert out["state"] == "rolled back" and out["counts"] == {"rolled back": 2, "planned": 18, "refused": 1}
+    assert out["reason"].startswith("live gate: roll back: canaries slower; 2 of 2 canaries sent back")
+    assert {d for d, _ in broker.sent} == set(names[:2])  # no later wave got the candidate
+    assert all(broker.desired[d].sha256 == "0" * 64 for d in names[:2])
+
+
+def test_a_gate_hold_is_stored_held_with_its_decision_in_one_write(tmp_path):
+    """The hold was stored as 'running' with its decision, and 'held' only at the end of the run: a driver stopped in
+    between left a running rollout (`status`: no host drives it, resume goes on) whose resume sent the next waves,
+    the hold never shown. Now the rollout is held from the moment the decision is stored."""
+    from edge_kit.selection.gate import GateDecision
+
+    class Dying(FakeBroker):
+        def __exit__(self, *_):
+            raise KeyboardInterrupt("the host went down")
+
+    history = Store(tmp_path / "h.db")
+    planned(history, gate={"window_s": 1})
+    with pytest.raises(RolloutInterrupted):
+        Rollout(history, "r", Dying(), judge=lambda c, k: GateDecision("hold", "too few samples")).run()
+    record = history.rollout("r")
+    assert record["state"] == "held" and record["body"]["gated"]["action"] == "hold"
+
+
+def test_a_gate_roll_back_tells_the_first_waves_devices_not_on_the_candidate_to_keep_their_model(tmp_path):
+    """Only the converged canaries were sent back: a first-wave device offline during the window, or still fetching,
+    kept the candidate's desired state and installed the rejected candidate when it came back or finished. Now
+    each is told to hold the model it runs, as abort does."""
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, n=40, gate={"window_s": 1}, wave_timeout_s=0.5)
+    broker = FakeBroker(silent={names[1]}, fetching={names[2]})
+    out = Rollout(history, "r", broker, judge=lambda c, k: GateDecision("roll back", "canaries slower")).run()
+    rows = {r["device"]: r for r in out["devices"]}
+    assert out["state"] == "rolled back" and "2 device(s) of the first wave not on the candidate told to keep" in out["reason"]
+    assert broker.desired[names[1]].hold and broker.desired[names[2]].hold
+    assert broker.desired[names[0]].sha256 == broker.desired[names[3]].sha256 == "0" * 64
+    assert rows[names[2]]["state"] == "rolled back" and rows[names[1]]["state"] == "rolling back"
+    assert "told to keep the model it runs" in rows[names[1]]["error"]
 
 
 def test_abort_sends_every_device_the_rollout_moved_back_and_is_safe_to_run_twice(tmp_path):
