@@ -307,3 +307,39 @@ def test_a_device_subscribing_to_the_monitors_shared_group_by_its_name_takes_no_
             c.disconnect()
             c.loop_stop()
         broker.stop()
+
+
+def test_another_device_connecting_with_the_client_id_an_agent_had_keeps_it_connected(tmp_path, digits_artifacts):
+    """Mosquitto closes the connection of a client whose id another client connects with, whatever its user: an
+    agent's id was `edgekit-agent-<fleet>-<device>`, which any device could name, so a compromised one could keep
+    another off the broker, and with a clean session wipe the commands queued for it. The id now ends in a hash of the
+    agent's broker password, which no other device holds."""
+    from harness import FLEET, AgentProcess, wait_until
+
+    from edge_kit.fleet.broker_setup import fleet_acl
+    from edge_kit.sim.broker import MosquittoBroker
+
+    users = {"operator": "operator-secret", "d1": "d1-secret", "d2": "d2-secret"}
+    broker = MosquittoBroker(tmp_path / "broker", users=users, acl=fleet_acl(FLEET)).start()
+    (tmp_path / "d2.pass").write_text("d2-secret\n")
+    agent = AgentProcess(tmp_path, "d2", broker, digits_artifacts,
+                         broker={"username": "d2", "password_file": str(tmp_path / "d2.pass")}).start()
+    thief = None
+    try:
+        assert wait_until(lambda: agent.log.exists() and "connected to" in agent.log.read_text(), 60), \
+            agent.log.read_text()[-2000:] if agent.log.exists() else "no log"
+        thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgekit-agent-{FLEET}-d2", clean_session=True)
+        thief.username_pw_set("d1", users["d1"])
+        connected = threading.Event()
+        thief.on_connect = lambda *_: connected.set()
+        thief.connect(broker.host, broker.port)
+        thief.loop_start()
+        assert connected.wait(10)
+        time.sleep(1.5)
+        assert "disconnected from the broker" not in agent.log.read_text(), agent.log.read_text()[-2000:]
+    finally:
+        if thief is not None:
+            thief.disconnect()
+            thief.loop_stop()
+        agent.stop()
+        broker.stop()
