@@ -7,6 +7,7 @@ the broker at QoS 1 and deletes each one only when its PUBACK arrives.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import ssl
@@ -82,6 +83,18 @@ class ReadAheadClient(mqtt.Client):
         finally:
             self._draining = False
         return rc
+
+
+def agent_client_id(fleet: str, device: str, password: str | None) -> str:
+    """Return the MQTT client id of ``device``'s agent: ``edgekit-agent-<fleet>-<device>``, followed with a broker
+    password by a dot and 12 hex digits of a sha256 of it, which no other device holds. Mosquitto closes the
+    connection of a client whose id another client connects with, whatever its user, and a clean connection wipes the
+    session's queued commands: a device that could name another's id could keep it off the broker and lose its
+    commands. Never raises."""
+    base = f"edgekit-agent-{fleet}-{device}"
+    if password is None:
+        return base
+    return f"{base}.{hashlib.sha256(password.encode(errors='surrogateescape')).hexdigest()[:12]}"
 
 
 def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = None, v5: bool = False,

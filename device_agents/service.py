@@ -53,7 +53,7 @@ from device_agents.identity import (
     provisioned_at,
     read_operators,
 )
-from device_agents.mqtt import SpooledPublisher, make_client
+from device_agents.mqtt import SpooledPublisher, agent_client_id, make_client
 from device_agents.power import SensorEnv, SensorMeter, power_meter
 from device_agents.reconcile import Reconciler
 from device_agents.runtimes import RUNTIMES, prepare_installed
@@ -127,7 +127,8 @@ class Agent:
                                    "starts a new spool (its unsent records stay in it)") from exc
         # A persistent session: commands sent while the agent reconnects wait for it on the broker.
         # A persistent session, and the broker hears that a command arrived only once it is on disk.
-        self.client = make_client(cfg.broker, f"edgekit-agent-{cfg.fleet}-{cfg.device}", password=cfg.password(),
+        password = cfg.password()
+        self.client = make_client(cfg.broker, agent_client_id(cfg.fleet, cfg.device, password), password=password,
                                   clean=False, manual_ack=True)
         self.publisher = SpooledPublisher(self.client, self.spool)
         self.smoke = SmokePool()

@@ -844,13 +844,16 @@ def fleet_init_cmd(
         write_fleet_wall,
     )
     from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.fleet.keys import readmit_hint
 
     fleet = load_fleet(fleet_file)
     names = [d.name for d in fleet.devices]
     if OPERATOR_USER in names:
         raise ConfigError(f"{fleet_file}: a device is named '{OPERATOR_USER}', the broker user that commands the fleet; rename it")
+    # a revoked device gets no broker user: `deploy --new-key --devices NAME` adds it back, as to an older wall
+    revoked = sorted(set(fleet.key_store().revoked_devices()) & set(names))
     try:
-        wall = write_fleet_wall(out_dir, fleet.fleet, names, broker_host, port, listen)
+        wall = write_fleet_wall(out_dir, fleet.fleet, names, broker_host, port, listen, set(revoked))
     except FileExistsError as exc:
         raise ConfigError(f"{exc}: not empty (a broker wall devices may use is never overwritten); choose another --out") from None
     host = broker_host[0]
@@ -862,12 +865,16 @@ def fleet_init_cmd(
     files = {"mosquitto.conf": wall.tls.ca.parent.parent / "mosquitto.conf", "passwd": wall.tls.ca.parent.parent / "passwd",
              "acl": wall.tls.ca.parent.parent / "acl", "ca": wall.tls.ca, "fleet settings": snippet}
     if as_json:
-        emit_json({"files": {k: str(v) for k, v in files.items()}, "users": sorted(wall.users), **settings})
+        emit_json({"files": {k: str(v) for k, v in files.items()}, "users": sorted(wall.users), "revoked": revoked,
+                   **settings})
         return
     for label, path in files.items():  # a line each, never wrapped: a path, and a command to copy
         out.print(f"{label:>15}  {path}", soft_wrap=True)
-    out.print(f"{len(names)} device users + '{OPERATOR_USER}'; passwords in {out_dir.resolve() / 'secrets'} (mode 600). "
-              f"Run the broker with: mosquitto -c {files['mosquitto.conf']}", soft_wrap=True)
+    for name in revoked:
+        out.print(safe(f"{name}: revoked, so given no broker user; {readmit_hint(name)} (with --broker-dir "
+                       f"{out_dir.resolve()}, which adds its user)"), soft_wrap=True, highlight=False)
+    out.print(f"{len(names) - len(revoked)} device users + '{OPERATOR_USER}'; passwords in {out_dir.resolve() / 'secrets'} "
+              f"(mode 600). Run the broker with: mosquitto -c {files['mosquitto.conf']}", soft_wrap=True)
 
 
 @fleet_app.command("status")

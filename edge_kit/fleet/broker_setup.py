@@ -278,10 +278,11 @@ def hardened_conf(folder: Path, port: int = 8883, queued: int = MAX_QUEUED, list
 
 
 def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[str], port: int = 8883,
-                     listen: str | None = None) -> BrokerWall:
+                     listen: str | None = None, left_out: set[str] | frozenset[str] = frozenset()) -> BrokerWall:
     """Write everything a real fleet's broker and devices need into ``folder``: ``passwd`` (hashed),
     ``acl``, ``tls/`` (CA, server certificate and key), ``mosquitto.conf`` and each user's
-    ``secrets/<user>.pass`` (mode 600, in a folder of mode 700) for the fleet file.
+    ``secrets/<user>.pass`` (mode 600, in a folder of mode 700) for the fleet file. A device in ``left_out``
+    (revoked) gets neither a user in ``passwd`` nor a password file, as in :func:`build_wall`.
 
     Everything is written into a temporary folder beside ``folder`` and renamed into place, so a
     failure or an interruption leaves no half-written wall (and nothing that blocks a second try).
@@ -328,7 +329,7 @@ def write_fleet_wall(folder: Path, fleet: str, devices: list[str], hosts: list[s
         raise InputError(f"{folder.parent}: cannot write the broker's files there ({exc.strerror or exc}); "
                          "choose another --out") from None
     try:
-        wall = build_wall(work, fleet, devices, hosts)
+        wall = build_wall(work, fleet, devices, hosts, left_out)
         (work / "data").mkdir(mode=0o700)
         write_private(work / "passwd", ("\n".join(mosquitto_password_line(u, p) for u, p in wall.users.items()) + "\n").encode())
         (work / "acl").write_text(wall.acl)

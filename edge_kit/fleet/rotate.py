@@ -46,10 +46,13 @@ class Rotated:
 
 
 def _answers(client: FleetClient, sent: dict[str, str], timeout: float) -> dict[str, dict | str]:
-    """Return ``{device: result}`` for the devices that answered ok, ``{device: why not}`` for the others."""
+    """Return ``{device: result}`` for the devices that answered ok within ``timeout`` seconds from now (in all, not
+    per device: the commands were all just sent, and a step that waited for each offline device in turn sent the next
+    one after its commands' expiry), ``{device: why not}`` for the others."""
     out: dict[str, dict | str] = {}
+    deadline = time.monotonic() + timeout
     for name, cmd_id in sent.items():
-        ack = client.wait_ack(cmd_id, timeout)
+        ack = client.wait_ack(cmd_id, max(0.0, deadline - time.monotonic()))
         out[name] = (f"no answer within {timeout:.0f} s (offline?)" if ack is None
                      else ack["result"] if ack["ok"] else str(ack.get("error")))
     return out

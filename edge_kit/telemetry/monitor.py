@@ -11,7 +11,7 @@ broker for the next run of the persistent session. Invalid payloads are counted 
 message (a bug) has its batch checked again one message at a time: only that one is kept as invalid.
 
 Several workers can share the load: with ``share="group"`` each worker subscribes to
-``$share/group/edgekit/v1/<fleet>/+/<kind>`` (MQTT 5 shared subscription) and the broker hands
+``$share/group.<hash>/edgekit/v1/<fleet>/+/<kind>`` (MQTT 5 shared subscription; :func:`share_group`) and the broker hands
 each message to one member of the group; all of them write the same store. Sequence gaps are then
 judged from the store rather than per worker: at most every :data:`GAP_SCAN_S`, one worker at a time scans what the
 history holds past where the last scan stood, and records as gaps the numbers missing up to what each device's settled
@@ -47,6 +47,7 @@ sees it. A monitor that starts takes the episodes under way from the table's ope
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -316,6 +317,21 @@ def _breaking_of(keys: list[tuple[str, str, str, bool]], devices: Any) -> dict[s
     return out
 
 
+def share_group(share: str, password: str | None) -> str:
+    """Return the MQTT shared-subscription group the workers of ``--share share`` join: ``share``, a dot and 16 hex
+    digits of a sha256 of it and ``password``, the operator's broker password, which every worker of the group holds
+    and no device does (``share`` alone without one: a broker without passwords lets anyone in anyway).
+
+    Mosquitto hands each message of a group to its members in turn and drops it when that member may not read it, so
+    a device's broker user joining the group by its name (``$share/<share>/...``, subscribe is not checked against
+    the ACL) took a turn at every device's records, which no worker then stored. A group it cannot name it cannot join.
+    """
+    if password is None:
+        return share
+    digest = hashlib.sha256(f"{share}\n{password}".encode(errors="surrogateescape")).hexdigest()
+    return f"{share}.{digest[:16]}"
+
+
 def share_gaps(rows: list[tuple[str, str, int | None, float | None, int, str | None]],
                settled_by: float, bound: int | None = None) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int, int]]]:
     """Return what the sequence-gap scan of ``share`` workers finds in ``rows`` (:meth:`HistoryStore.seq_window`: per
@@ -511,7 +527,9 @@ class Monitor:
         # Each QoS 1 message is acknowledged to the broker only once it is stored (or refused and kept as
         # invalid): what a failed history did not store stays with the broker, which sends it again to
         # the next run of a persistent session (and the msg_id keeps it once).
-        self.client = make_client(fleet.broker, cid, password=fleet.broker_password(),
+        password = fleet.broker_password()
+        self._group = share_group(share, password) if share is not None else None  # the group subscribed to
+        self.client = make_client(fleet.broker, cid, password=password,
                                   v5=share is not None, clean=not persistent, manual_ack=True, read_ahead=True)
         self.client.on_connect = self._on_connect
         self.keyring = fleet.key_store().keyring()
@@ -597,7 +615,7 @@ class Monitor:
             self._connected.set()
             return
         client.on_subscribe = lambda *_: self._connected.set()  # ready once the broker confirms the subscriptions
-        client.subscribe([(messages.subscription(self.fleet.fleet, k, share=self.share), 1) for k in STORED_KINDS])
+        client.subscribe([(messages.subscription(self.fleet.fleet, k, share=self._group), 1) for k in STORED_KINDS])
 
     def start(self, timeout: float = 10.0) -> Monitor:
         """Connect and start storing; return the monitor (started, for chaining).

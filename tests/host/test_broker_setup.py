@@ -295,6 +295,33 @@ def test_deploy_new_key_readmits_a_revoked_device_only_when_devices_names_it(tmp
     assert "cam-2: broker user 'cam-2' added back" in err and "cam-2" in users()
 
 
+def test_a_wall_written_after_a_revocation_gives_the_revoked_device_no_broker_user(tmp_path, run_cli):
+    """`fleet init` (a new wall: a certificate renewed, a broker moved) gave every device of the fleet file a broker
+    user and a plain password file, a device `fleet revoke` had taken out too: the stolen device had its way into the
+    broker back. It gets none now, as `sim up` does; `deploy --new-key --devices NAME --broker-dir` adds it back."""
+    from device_agents.identity import Signer
+    from edge_kit.fleet.inventory import load_fleet
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump({**FLEET, "devices": [*FLEET["devices"],
+                                                               {"name": "cam-2", "host": "10.0.0.3", "profile": "rpi4"}]}))
+    keys = load_fleet(fleet_file).key_store()
+    keys.register_many({"cam-1": Signer.generate().public, "cam-2": Signer.generate().public})
+    keys.revoke("cam-2", "stolen")
+    wall = tmp_path / "wall"
+    code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "127.0.0.1", "--out", wall)
+    assert code == 0, err
+    assert broker_setup.broker_users(wall / "passwd") == {"operator", "cam-1"}
+    assert sorted(p.name for p in (wall / "secrets").iterdir()) == ["cam-1.pass", "operator.pass"]
+    assert "cam-2: revoked, so given no broker user; `edgekit deploy --new-key --devices cam-2` readmits it" in out, out
+    assert "1 device users + 'operator'" in out
+    settings = yaml.safe_load((wall / "fleet-broker.yaml").read_text())  # where the readmitting deploy writes one
+    assert settings["agent_broker"]["cam-2"]["password_file"] == str(wall / "secrets" / "cam-2.pass")
+    code, out, err = run_cli("fleet", "init", "--fleet", fleet_file, "--broker-host", "127.0.0.1", "--out",
+                             tmp_path / "wall2", "--json")
+    assert code == 0 and json.loads(out)["revoked"] == ["cam-2"] and json.loads(out)["users"] == ["cam-1", "operator"]
+
+
 def test_fleet_init_s_lines_are_never_wrapped_on_an_80_column_terminal(tmp_path):
     """On an 80-column terminal rich wrapped `fleet init`'s summary before the mosquitto.conf path of the command
     to run (and a long path of the files above it): copied, the command lost its path. Each is one line now."""

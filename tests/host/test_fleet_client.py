@@ -519,6 +519,35 @@ def test_a_device_answering_state_with_an_odd_code_manifest_misses_the_rotation_
     assert out[0].reason.startswith("its answer to 'state' holds a str where its code manifest goes, not an object")
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_rotation_with_devices_offline_still_gives_the_online_one_the_new_key(force, tmp_path, monkeypatch):
+    """`edgekit keys rotate` waited up to --timeout for each device's answer in turn, while every command it sent
+    expired 3 timeouts after the first: with three devices or more offline, the online one was sent the new key list after
+    its expiry and refused it ("expired"), and with --force the host switched to a key no device pinned (the whole
+    fleet out of reach over MQTT). Each step now waits --timeout in all."""
+    from edge_kit.fleet import commands as fleet_commands
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.fleet.rotate import rotate_operator_key
+
+    def answer(device: str, cmd: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if device != "d1":
+            return []
+        if time.time() > cmd["expires"]:  # what the agent answers a command it could run only after its expiry
+            return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": False,
+                                 "error": "expired 0.1 s before it could run (the sender stopped waiting); not run",
+                                 "result": {}})]
+        return [("cmd/ack", {"cmd_id": cmd["msg_id"], "command": cmd["command"], "ok": True, "result": {"code": None}})]
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: {FLEET}\nbroker: {{host: 127.0.0.1, port: 1}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n" + "".join(f"  - {{name: d{i}, host: 127.0.0.{i}}}\n" for i in range(1, 6)))
+    monkeypatch.setattr(fleet_commands.FleetClient, "of", classmethod(lambda cls, fleet, **kw: client(answer)))
+    _, _, switched, out = rotate_operator_key(load_fleet(fleet_file), timeout=1.0, force=force)
+    assert switched is force
+    assert [(r.device, r.outcome) for r in out] == [("d1", "rotated" if force else "both"), ("d2", "missed"),
+                                                    ("d3", "missed"), ("d4", "missed"), ("d5", "missed")], out
+
+
 @pytest.mark.parametrize("result", [{"x": 1}, {"shadow": "fp32", "serving": ["int8"]},
                                     {"shadow": {"variant": "v" * 60_000}, "serving": {"variant": "int8"}}])
 def test_edgekit_shadow_shows_an_answer_of_another_shape_without_a_traceback(result, tmp_path, run_cli, monkeypatch):

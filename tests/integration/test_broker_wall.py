@@ -257,3 +257,89 @@ def test_the_embedded_broker_refuses_a_packet_over_the_limit_mosquitto_sets_and_
             c.disconnect()
             c.loop_stop()
         terminate_pid(proc.pid)
+
+
+def test_a_device_subscribing_to_the_monitors_shared_group_by_its_name_takes_no_record_from_it(tmp_path):
+    """Mosquitto hands each message of a shared subscription to the group's members in turn and drops it when that
+    member may not read it, and it lets any user subscribe: a device's broker user subscribed to
+    `$share/<--share NAME>/...` took every other record of every device from `monitor --share NAME`, stored by no
+    worker. The workers' group is named from NAME and the operator's broker password now, which no device holds."""
+    from device_agents.identity import Signer
+    from edge_kit.fleet.broker_setup import fleet_acl
+    from edge_kit.fleet.inventory import load_fleet
+    from edge_kit.sim.broker import MosquittoBroker
+    from edge_kit.telemetry.monitor import Monitor
+    from edge_kit.telemetry.store import Store
+
+    users = {"operator": "operator-secret", "d1": "d1-secret", "d2": "d2-secret"}
+    broker = MosquittoBroker(tmp_path / "broker", users=users, acl=fleet_acl("walled")).start()
+    (tmp_path / "operator.pass").write_text("operator-secret\n")
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(f"fleet: walled\nbroker: {{host: 127.0.0.1, port: {broker.port}, username: operator, "
+                          f"password_file: {tmp_path / 'operator.pass'}}}\ndefaults: {{user: edgekit, profile: rpi4}}\n"
+                          "devices:\n  - {name: d1, host: 127.0.0.1}\n  - {name: d2, host: 127.0.0.1}\n")
+    fleet = load_fleet(fleet_file)
+    d2 = Signer.generate()
+    fleet.key_store().register("d2", d2.public)
+    mon = Monitor(fleet, Store(tmp_path / "h.db"), share="monitors", workers=1, verify_in_child=False).start()
+    intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="intruder", protocol=mqtt.MQTTv5)
+    intruder.username_pw_set("d1", users["d1"])
+    subscribed = threading.Event()
+    intruder.on_subscribe = lambda *_: subscribed.set()
+    publisher, how = connect(broker, "d2", users["d2"])
+    try:
+        assert how == "ok"
+        intruder.connect(broker.host, broker.port)
+        intruder.loop_start()
+        intruder.subscribe(f"$share/monitors/{messages.ROOT}/walled/+/telemetry", qos=1)
+        assert subscribed.wait(10)
+        n = 20
+        for seq in range(1, n + 1):
+            msg = d2.sign(messages.envelope("telemetry", "walled", "d2", seq, {"conditions": {}, "spool": {}}))
+            publisher.publish(messages.topic("walled", "d2", "telemetry"), messages.encode(msg), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while mon.stats.stored < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mon.stats.stored == n, mon.stats
+    finally:
+        mon.stop()
+        for c in (intruder, publisher):
+            c.disconnect()
+            c.loop_stop()
+        broker.stop()
+
+
+def test_another_device_connecting_with_the_client_id_an_agent_had_keeps_it_connected(tmp_path, digits_artifacts):
+    """Mosquitto closes the connection of a client whose id another client connects with, whatever its user: an
+    agent's id was `edgekit-agent-<fleet>-<device>`, which any device could name, so a compromised one could keep
+    another off the broker, and with a clean session wipe the commands queued for it. The id now ends in a hash of the
+    agent's broker password, which no other device holds."""
+    from harness import FLEET, AgentProcess, wait_until
+
+    from edge_kit.fleet.broker_setup import fleet_acl
+    from edge_kit.sim.broker import MosquittoBroker
+
+    users = {"operator": "operator-secret", "d1": "d1-secret", "d2": "d2-secret"}
+    broker = MosquittoBroker(tmp_path / "broker", users=users, acl=fleet_acl(FLEET)).start()
+    (tmp_path / "d2.pass").write_text("d2-secret\n")
+    agent = AgentProcess(tmp_path, "d2", broker, digits_artifacts,
+                         broker={"username": "d2", "password_file": str(tmp_path / "d2.pass")}).start()
+    thief = None
+    try:
+        assert wait_until(lambda: agent.log.exists() and "connected to" in agent.log.read_text(), 60), \
+            agent.log.read_text()[-2000:] if agent.log.exists() else "no log"
+        thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgekit-agent-{FLEET}-d2", clean_session=True)
+        thief.username_pw_set("d1", users["d1"])
+        connected = threading.Event()
+        thief.on_connect = lambda *_: connected.set()
+        thief.connect(broker.host, broker.port)
+        thief.loop_start()
+        assert connected.wait(10)
+        time.sleep(1.5)
+        assert "disconnected from the broker" not in agent.log.read_text(), agent.log.read_text()[-2000:]
+    finally:
+        if thief is not None:
+            thief.disconnect()
+            thief.loop_stop()
+        agent.stop()
+        broker.stop()
