@@ -198,8 +198,10 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                 samples = field_at(live, "latency_samples_ms")
                 # the newest answered since the gate started, never more than were asked for (a device's word)
                 samples = samples[-min(new, LIVE_SAMPLES):] if isinstance(samples, list) and new > 0 else []
+                clock = field_at(live, "clock")
                 evidence[name] = LiveEvidence(name, banked[name] + [s for s in samples if _number(s) is not None],
-                                              _number(field_at(live, "shadow", "fidelity", "snr_db")), profile.get(name))
+                                              _number(field_at(live, "shadow", "fidelity", "snr_db")), profile.get(name),
+                                              clock if isinstance(clock, str) else None)
             enough = all(len(evidence[n].samples_ms) >= gate.min_samples for n in canaries) and \
                 sum(len(evidence[n].samples_ms) for n in controls if n not in dropped) >= gate.min_samples
             if enough and (gate.shadow_share <= 0 or all(evidence[n].shadow_snr_db is not None for n in canaries)):

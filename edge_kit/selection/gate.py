@@ -45,9 +45,11 @@ approximation with tie and continuity correction).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+
+from edgekit_protocol.labels import clip
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,11 @@ class LiveEvidence:
     samples_ms: list[float]
     shadow_snr_db: float | None = None
     profile: str | None = None  # devices are compared within their profile (None: one group)
+    clock: str | None = None  # how the device's serving API timed them, in its own words (its live figures' ``clock``)
 
 
-SOURCE = ("measured: service times of each device's serving API on its own traffic (perf_counter_ns on the device; "
+SOURCE = ("measured: service times of each device's serving API on its own traffic (timed on the device by the clock "
+          "it names, the decision's clocks; "
           "simulated devices time on the host that runs them), SNR from its shadow runs against the reference (fp32; "
           "onnx-fp32 for an ONNX model compiled without LiteRT variants)")
 DEVICE_TEST = "one-sided Mann-Whitney U (canary > control) on each device's median service time"
@@ -96,6 +100,7 @@ class GateDecision:
     control_devices: int = 0
     refused_samples: int = 0
     settings: dict = field(default_factory=dict)
+    clocks: list = field(default_factory=list)  # each clock the devices named for their service times, once, sorted
 
     def as_dict(self) -> dict:
         """Return the decision as a JSON-ready dict (what the history stores)."""
@@ -132,8 +137,16 @@ def judge_live(canaries: list[LiveEvidence], controls: list[LiveEvidence], *, al
 
     Returns:
         The decision with its numbers: the p-value and medians of the unit tested, the sample and device
-        counts, the worst live SNR, the refused samples and the settings.
+        counts, the worst live SNR, the refused samples, the settings and the clocks the devices timed with.
     """
+    decision = _decide(canaries, controls, alpha=alpha, min_samples=min_samples, min_slowdown=min_slowdown,
+                       min_snr_db=min_snr_db)
+    return replace(decision, clocks=sorted({clip(e.clock or "clock not named", 120) for e in canaries + controls}))
+
+
+def _decide(canaries: list[LiveEvidence], controls: list[LiveEvidence], *, alpha: float, min_samples: int,
+            min_slowdown: float, min_snr_db: float | None) -> GateDecision:
+    """Return :func:`judge_live`'s decision without its clocks."""
     from scipy.stats import mannwhitneyu
 
     settings = {"alpha": alpha, "min_samples": min_samples, "min_slowdown": min_slowdown, "min_snr_db": min_snr_db}

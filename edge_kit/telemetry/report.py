@@ -349,13 +349,16 @@ def _live_cell(live: Any) -> str:
                        f"{clip(str(model.get('variant')), MAX_NAME_CHARS)}{thin})")
 
 
-def _gate_rows(store: HistoryStore) -> list[list[str]]:
-    """Return one row per live-gate decision, newest first: when, canary, candidate, action and its numbers."""
-    rows = []
+def _gate_rows(store: HistoryStore) -> tuple[list[list[str]], list[str]]:
+    """Return one row per live-gate decision, newest first (when, canary, candidate, action and its numbers), and the
+    clocks those decisions' devices named for their service times, each once, sorted (cut as :func:`latency_clocks`
+    cuts; a decision stored before they were recorded names none)."""
+    rows, clocks = [], set()
     for d in store.decisions(limit=100_000, kinds=("live gate",)):
         g = d.get("gate")
         if d.get("kind") != "live gate" or not isinstance(g, dict):
             continue
+        clocks.update(clip(str(c), 120) for c in (g.get("clocks") if isinstance(g.get("clocks"), list) else [])[:8])
         num = (lambda v, f: "-" if v is None else format(v, f))
         rows.append([local_time(d["recorded"]), html.escape(d["device"]),
                      html.escape(str(d.get("chosen"))), html.escape(g["action"]), html.escape(g["reason"]),
@@ -364,7 +367,8 @@ def _gate_rows(store: HistoryStore) -> list[list[str]]:
                      f"{g.get('canary_samples', 0):,} / {g.get('control_samples', 0):,}",
                      num(g.get("p_value"), ".2g") + (f" on {html.escape(str(g['unit']))}" if g.get("unit") else ""),
                      num(g.get("worst_snr_db"), ".1f"), html.escape(", ".join(g.get("controls") or []))])
-    return rows
+    ordered = sorted(clocks)
+    return rows, ordered if len(ordered) <= 8 else [*ordered[:8], f"{len(ordered) - 8} other clocks"]
 
 
 # A device whose history says online but that has sent nothing for this many telemetry intervals is shown
@@ -643,12 +647,13 @@ def build_report(store: HistoryStore, out: Path, title: str = "edge-kit fleet re
     head, rows = _fleet_rows(newest, profiles, store.devices())
     table = ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
-    gate_rows = _gate_rows(store)
+    gate_rows, gate_clocks = _gate_rows(store)
     if gate_rows:
         gate_head = ["when", "canary", "candidate", "action", "why", "p50 ms canary / control", "requests canary / control",
                      "p (Mann-Whitney U) on devices' medians or pooled requests", "live SNR dB", "controls"]
         table += ("<h2>Rollout gate decisions</h2><p class=note>Live figures: the serving API's service times on the "
-                  "devices' own traffic (perf_counter_ns), canaries on the candidate against controls on the current model; "
+                  f"devices' own traffic (clock: {html.escape('; '.join(gate_clocks) or 'not recorded')}), canaries on the candidate "
+                  "against controls on the current model; "
                   "the test is on each device's median (on pooled requests only when too few devices, an optimistic p); "
                   "SNR from shadow runs against the fp32 reference.</p><table><tr>"
                   + "".join(f"<th>{h}</th>" for h in gate_head) + "</tr>"

@@ -552,3 +552,29 @@ def test_a_canary_breaking_its_constraints_is_told_with_the_figures_that_broke_t
                                                     "accuracy >= 0.99 x fp32 (51.25% on the eval set)")
     onnx = SimpleNamespace(**{**manifest.__dict__, "reference_id": "onnx-fp32"})  # no LiteRT variants: no fp32
     assert broken_constraints(onnx, dev, r).endswith("accuracy >= 0.99 x onnx-fp32 (51.25% on the eval set)")
+
+
+def test_the_gate_records_the_clocks_the_devices_named_and_the_report_quotes_them(monkeypatch):
+    """The report's gate table said "perf_counter_ns" in fixed text, whatever the devices' serving APIs said they
+    timed with: the decision now keeps each clock the devices named, and the note quotes those."""
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import judge_live
+    from edge_kit.telemetry.report import _gate_rows
+
+    said = "perf_counter_ns from a request read to its answer ready (queueing included)"
+    polled(monkeypatch, {
+        "c1": [{"requests": 0, "clock": said}, {"requests": 20, "latency_samples_ms": [1.0] * 20, "clock": said}],
+        "k1": [{"requests": 0}, {"requests": 20, "latency_samples_ms": [1.0] * 20, "clock": "<b>my own timer"}]})
+    cans, ctrls = ro.collect_live(None, ["c1"], ["k1"], ro.LiveGate(window_s=0.5, min_samples=10), lambda *_: None)
+    decision = judge_live(cans, ctrls, min_samples=10)
+    assert decision.clocks == ["<b>my own timer", said]
+    assert judge_live(cans, [ro.LiveEvidence("k1", [1.0] * 20)], min_samples=10).clocks == ["clock not named", said]
+
+    class Store:
+        def decisions(self, **_):
+            return [{"kind": "live gate", "recorded": 0.0, "device": "c1", "chosen": "int8", "gate": decision.as_dict()},
+                    {"kind": "live gate", "recorded": 0.0, "device": "c2", "chosen": "int8",  # stored before clocks were
+                     "gate": {k: v for k, v in decision.as_dict().items() if k != "clocks"}}]
+
+    rows, clocks = _gate_rows(Store())
+    assert len(rows) == 2 and clocks == ["<b>my own timer", said]
