@@ -246,6 +246,10 @@ def deploy_cmd(
         "--broker-dir", help="With --new-key: the broker wall's folder (`edgekit fleet init --out`); a device whose "
                              "user `fleet revoke` removed there gets it back with a fresh password. A simulated "
                              "fleet's broker is found by itself.")] = None,
+    new_operator_key: Annotated[bool, typer.Option(
+        "--new-operator-key", help="The fleet's operator key (keys/operator.key) is lost: make a new one and pin it on "
+                                   "each device this deploy reaches over SSH (the others refuse its commands until "
+                                   "deployed to). Refused while the key is there: `edgekit keys rotate` replaces it.")] = False,
     gate: GateOpt = None,
     gate_window: GateWindowOpt = 60.0,
     gate_min_requests: GateRequestsOpt = 200,
@@ -264,7 +268,7 @@ def deploy_cmd(
     """
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-    from edge_kit.errors import InputError
+    from edge_kit.errors import ConfigError, InputError
     from edge_kit.fleet.deploy import DeployOptions, deploy
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.loop.rollout import rollout
@@ -292,6 +296,12 @@ def deploy_cmd(
     # touched: a database that cannot be reached stops the deploy here), where select, fleet status and report
     # read them.
     history = open_fleet_history(fleet_file, history_spec) if canary_share else None
+    if new_operator_key:  # the last check before devices are touched: pinned on each over SSH by ensure_agent
+        key = fleet.key_store().new_operator()
+        (err if as_json else out).print(f"a new operator key {key.key_id} was made; devices this deploy does not reach "
+                                        "refuse its commands until deployed to", highlight=False)
+    elif (lost := fleet.key_store().lost_operator()) is not None:  # one line here, not one failure per device
+        raise ConfigError(lost)
     if new_key:  # the device's old broker password went with its old key: a fresh one where the wall removed it
         from edge_kit.fleet.deploy import not_readmitted
         from edge_kit.loop.revoke import readmit_broker_users

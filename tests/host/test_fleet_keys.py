@@ -175,6 +175,35 @@ def test_an_operator_key_readable_by_others_is_told_to_be_chmod_ed_never_removed
     assert FleetKeys(tmp_path / "keys").operator.public == first.public
 
 
+def test_a_lost_operator_key_is_never_replaced_silently(tmp_path):
+    """keys/ copied to another machine without operator.key (it holds secrets: kept out of git): the first command
+    made a new operator key, and every device refused everything it signed, silently (the host only saw them not
+    answer). Now it is one line saying what to do, receivers still verify with the public half the devices pin, and
+    `deploy --new-operator-key` makes one on purpose. A fleet whose devices were registered before any operator key
+    was made (a virtual fleet) still gets one on first use."""
+    new_fleet = FleetKeys(tmp_path / "virtual")
+    new_fleet.register_many({"v0": _public(0)})
+    assert new_fleet.lost_operator() is None and FleetKeys(tmp_path / "virtual").keyring().operators
+    keys = FleetKeys(tmp_path / "keys")
+    first = keys.operator  # a new fleet: made on first use, its public half kept beside it
+    assert (tmp_path / "keys" / "operator.pub").read_text() == encode_key(first.public) + "\n"
+    keys.register_many({f"d{i}": _public(i) for i in range(5)})
+    (tmp_path / "keys" / "operator.key").unlink()
+    with pytest.raises(ConfigError) as caught:
+        FleetKeys(tmp_path / "keys").operator
+    said = str(caught.value)
+    assert said.startswith(f"{tmp_path / 'keys' / 'operator.key'}: missing, and {tmp_path / 'keys' / 'operator.pub'} "
+                           "says the fleet had one") and "--new-operator-key" in said and "\n" not in said
+    assert not (tmp_path / "keys" / "operator.key").exists()  # nothing made
+    assert FleetKeys(tmp_path / "keys").keyring().operators == (first.public,)  # a monitor still verifies
+    new = FleetKeys(tmp_path / "keys").new_operator()
+    assert new.public != first.public and FleetKeys(tmp_path / "keys").operator.public == new.public
+    assert (tmp_path / "keys" / "operator.pub").read_text() == encode_key(new.public) + "\n"
+    with pytest.raises(ConfigError, match="there already: --new-operator-key makes one only where it is lost"):
+        FleetKeys(tmp_path / "keys").new_operator()
+    assert FleetKeys(tmp_path / "keys").operator.public == new.public
+
+
 def test_a_revoked_key_moves_to_the_revoked_list_and_every_receiver_refuses_it_as_revoked(tmp_path):
     """`Remove its key from keys/devices.json` was the only way to stop a compromised device, and the next deploy
     registered the key it holds again. Revoking moves the key to keys/revoked.json: refused as revoked, at once."""
@@ -258,7 +287,8 @@ def test_a_revocation_cut_off_between_its_two_writes_already_refuses_the_key_and
     assert keys.revoked_devices().keys() == {"d1"}
     entry, newly = keys.revoke("d1", "lost")
     assert newly and keys.devices() == {} and len(keys.revoked()) == 1 and entry["reason"] == "lost"
-    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["devices.json", "operator.key", "revoked.json"]
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["devices.json", "operator.key", "operator.pub",
+                                                                     "revoked.json"]
 
 
 @pytest.mark.parametrize("content", ["{not json", "{}", '[{"device": "d1", "key": "short"}]',
@@ -484,3 +514,46 @@ def test_only_a_last_will_signed_before_the_revocation_is_a_revoked_device_s_lef
     assert ring.left_by_revoked(messages.topic("f", "d1", "status"), online, retained=True)  # the broker's retained copy: left there
     forged = messages.encode({**json.loads(will), "ts": before - 1})
     assert not ring.left_by_revoked(messages.topic("f", "d1", "status"), forged, retained=True)
+
+
+def test_deploy_new_operator_key_makes_one_only_where_it_is_lost_and_before_it_touches_a_device(tmp_path, run_cli,
+                                                                                                 monkeypatch):
+    """The way back from a lost operator key: `deploy --new-operator-key` (a deploy pins the operator key on each
+    device over SSH). Without it, the deploy stops in one line before touching a device; with it while the key is
+    there, likewise (keys rotate replaces a key one holds)."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from edge_kit.fleet import commands
+    from edge_kit.fleet import deploy as dp
+    from edge_kit.manifest import Artifact, Manifest
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump({"fleet": "plant", "broker": {"host": "127.0.0.1", "port": 8883},
+                                          "defaults": {"user": "pi"},
+                                          "devices": [{"name": "cam-1", "host": "10.0.0.2", "profile": "rpi4"}]}))
+    artifacts = tmp_path / "art"
+    artifacts.mkdir()
+    fp32 = Artifact(id="fp32", status="built", profiles=["rpi4"], summary="", precision="float32", runtime="litert",
+                    file="fp32.tflite", sha256="0" * 64, bytes=1)
+    (artifacts / "manifest.json").write_text(Manifest(created="2026-11-30T00:00:00+00:00", model={"name": "m"},
+                                                      versions={}, profiles={"rpi4": {}}, artifacts=[fp32]).to_json())
+    keys = FleetKeys(tmp_path / "keys")
+    old = keys.operator
+    keys.register("cam-1", _public(1))
+    deployed: list[str] = []
+    monkeypatch.setattr(dp._Deployer, "one", lambda self, dev: deployed.append(dev.name) or dp.DeviceResult(
+        dev.name, "succeeded", variant="fp32", actions=["operator key pinned"]))
+    monkeypatch.setattr(commands.FleetClient, "of", classmethod(
+        lambda cls, fleet, **kw: SimpleNamespace(__enter__=lambda: None, close=lambda: None)))
+    deploy = ("deploy", "--fleet", fleet_file, "--artifacts", artifacts)
+    code, _, err = run_cli(*deploy, "--new-operator-key")
+    assert code != 0 and "there already: --new-operator-key makes one only where it is lost" in err and not deployed
+    (tmp_path / "keys" / "operator.key").unlink()
+    code, _, err = run_cli(*deploy)
+    assert code != 0 and "operator.key: missing" in err and len(err.strip().splitlines()) == 1 and not deployed
+    code, out, err = run_cli(*deploy, "--new-operator-key")
+    assert code == 0 and deployed == ["cam-1"], (out, err)
+    new = FleetKeys(tmp_path / "keys").operator
+    assert new.public != old.public and f"a new operator key {new.key_id} was made" in out
