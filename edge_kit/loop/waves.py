@@ -732,18 +732,26 @@ class Rollout:
                 except Exception:  # noqa: BLE001 - the main loop's next heartbeat reports it
                     return
 
-        beater = threading.Thread(target=beat, daemon=True, name="rollout-heartbeat")
-        beater.start()
-        try:
-            decision = self.judge(canaries, controls)
-        finally:
-            beating.set()
-            beater.join()
+        # a run stopped after recording canaries' decisions, before storing the plan's: that decision stands (judged
+        # again, a roll back could come out promote), and is recorded for the canaries still without it
+        recorded = self._recorded_gate(canaries)
+        decision = next(iter(recorded.values()), None)
+        if decision is not None:
+            controls = decision.pop("controls", controls)
+            decision = GateDecision(**{k: v for k, v in decision.items() if k in GateDecision.__dataclass_fields__})
+        else:
+            beater = threading.Thread(target=beat, daemon=True, name="rollout-heartbeat")
+            beater.start()
+            try:
+                decision = self.judge(canaries, controls)
+            finally:
+                beating.set()
+                beater.join()
         stop = self._heartbeat()
         if stop:
             return "aborted", stop
         unrecorded: dict[str, list[str]] = {}  # a canary's decision the history refused for what it holds: kept as invalid
-        for d in canaries:
+        for d in (d for d in canaries if d not in recorded):
             self._db("recording the gate", lambda d=d: store_decision(self.history,
                 {"device": d, "kind": "live gate", "rollout": self.rid, "chosen": targets[d]["variant"], "current": None,
                  "feasible": decision.action == "promote", "switch": decision.action == "promote",
@@ -760,6 +768,21 @@ class Rollout:
         if decision.action == "hold":
             return "held", f"live gate: hold: {decision.reason}"
         return self._roll_back_first_wave(plan, order[:first], decision.reason, client)
+
+    def _recorded_gate(self, canaries: list[str]) -> dict[str, dict[str, Any]]:
+        """Return the live-gate decision this rollout recorded for each of ``canaries`` that has one (its newest
+        live-gate decision names this rollout), as recorded (the decision's fields and ``controls``).
+
+        Raises:
+            RolloutError: the history cannot be read.
+        """
+        found = {}
+        for d in canaries:
+            newest = self._db("reading the gate's decisions", lambda d=d: self.history.decisions(
+                device=d, limit=1, kinds=("live gate",)))
+            if newest and newest[0].get("rollout") == self.rid and isinstance(newest[0].get("gate"), dict):
+                found[d] = dict(newest[0]["gate"])
+        return found
 
     def _roll_back_first_wave(self, plan: dict[str, Any], first: list[str], why: str, client: Any,
                               resent: frozenset[str] = frozenset()) -> tuple[str, str]:
