@@ -47,11 +47,11 @@ from edge_kit.errors import (
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.keys import revoked_on
-from edge_kit.loop.rollout import LiveGate, collect_live, pick_controls
+from edge_kit.loop.rollout import LiveGate, live_decision, pick_controls
 from edge_kit.loop.tune import store_decision
 from edge_kit.manifest import read_manifest
 from edge_kit.selection.fleetmodel import KIND as FLEET_KIND
-from edge_kit.selection.gate import GateDecision, judge_live
+from edge_kit.selection.gate import GateDecision
 from edge_kit.telemetry.store import SELECTION_KIND
 from edgekit_protocol.desired import (
     MAX_REVISION,
@@ -347,7 +347,7 @@ def live_judge(fleet: Fleet, gate: LiveGate, progress: Callable[[str, str], None
                candidates: dict[str, str] | None = None) -> Callable[[list[str], list[str]], GateDecision]:
     """Return the judge of a rollout's first wave: the canaries' live latency (and shadow fidelity)
     against the control devices of the same profiles that still run the current model, by
-    :func:`edge_kit.selection.gate.judge_live` (the same gate as ``deploy --canary --gate live``).
+    :func:`~edge_kit.loop.rollout.live_decision` (the same gate as ``deploy --canary --gate live``).
     ``candidates``: each device's artifact sha256 in the plan (a canary's figures count while it serves its own; a
     control serving any is no control: :func:`~edge_kit.loop.rollout.collect_live`)."""
     def judge(canaries: list[str], controls: list[str]) -> GateDecision:
@@ -355,9 +355,7 @@ def live_judge(fleet: Fleet, gate: LiveGate, progress: Callable[[str, str], None
             return GateDecision("hold", "no canary converged: nothing to judge")
         if not controls:
             return GateDecision("hold", "no control device of the canaries' profiles still runs the current model")
-        cans, ctrls = collect_live(fleet, canaries, controls, gate, progress or (lambda _d, _m: None), candidates)
-        return judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
-                          min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
+        return live_decision(fleet, canaries, controls, gate, progress or (lambda _d, _m: None), candidates)
     return judge
 
 
