@@ -733,10 +733,10 @@ class Rollout:
         # a run stopped after recording canaries' decisions, before storing the plan's: that decision stands (judged
         # again, a roll back could come out promote), and is recorded for the canaries still without it
         recorded = self._recorded_gate(canaries)
-        decision = next(iter(recorded.values()), None)
-        if decision is not None:
-            controls = decision.pop("controls", controls)
-            decision = GateDecision(**{k: v for k, v in decision.items() if k in GateDecision.__dataclass_fields__})
+        if recorded:
+            stored = next(iter(recorded.values()))
+            controls = stored.pop("controls", controls)
+            decision = GateDecision(**{k: v for k, v in stored.items() if k in GateDecision.__dataclass_fields__})
         else:
             beater = threading.Thread(target=beat, daemon=True, name="rollout-heartbeat")
             beater.start()
