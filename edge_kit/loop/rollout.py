@@ -126,8 +126,8 @@ def pick_controls(names: list[str], limit: int = MAX_CONTROLS) -> list[str]:
 
 
 def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: LiveGate,
-                 progress: Callable[[str, str], None], candidates: dict[str, str] | None = None
-                 ) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
+                 progress: Callable[[str, str], None], candidates: dict[str, str] | None = None,
+                 serving: set[str] | None = None) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
     """Poll the devices' live figures until every one has ``min_samples`` answered since the gate
     started (what the health benchmark and the first requests after the switch did is not counted),
     or the window ends.
@@ -138,7 +138,7 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
     A device whose served model's counters began again (its agent restarted, or it swapped models: a new
     ``since`` or model) keeps what it gave and counts all its requests since. ``candidates`` (device -> the sha256 of
     the candidate it gets): a canary's figures count only while it serves its own, and a control serving any of them
-    is dropped (it is no control); each is named in ``progress``.
+    is dropped (it is no control); each is named in ``progress``, and added to ``serving`` when given.
 
     Returns:
         The canaries' and the controls' evidence, in the order given (empty samples where none came), each
@@ -183,6 +183,8 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                 model = model if isinstance(model, str) else None  # a device's word: a name, or nothing served
                 if name in controls and model in wanted:
                     dropped.add(name)
+                    if serving is not None:
+                        serving.add(name)
                     progress(name, f"serves a candidate ({model[:12]}); dropped from the controls")
                     continue
                 epoch = (model, field_at(live, "since"))
@@ -212,6 +214,29 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
             progress("gate", f"collecting live figures ({int(deadline - time.monotonic())} s left)")
             time.sleep(1.0)
     return [evidence[n] for n in canaries], [evidence[n] for n in controls if n not in dropped]
+
+
+def live_decision(fleet: Fleet, canaries: list[str], controls: list[str], gate: LiveGate,
+                  progress: Callable[[str, str], None], candidates: dict[str, str] | None = None) -> GateDecision:
+    """Return the live gate's decision on ``canaries`` against ``controls``: their figures collected by
+    :func:`collect_live` and judged by :func:`~edge_kit.selection.gate.judge_live` with ``gate``'s settings; a hold
+    that says so when every control left was dropped for serving a candidate already (the candidate is what the
+    fleet runs: nothing to compare it with, not too little traffic).
+
+    Raises:
+        AgentError: the fleet's broker cannot be reached.
+    """
+    serving: set[str] = set()
+    cans, ctrls = collect_live(fleet, canaries, controls, gate, progress, candidates, serving)
+    if serving and not ctrls:
+        named = sorted(serving)
+        return GateDecision("hold", f"every control device that answered serves the candidate already ("
+                                    f"{', '.join(named[:5])}{f' and {len(named) - 5} more' if len(named) > 5 else ''}): "
+                                    "none runs the current model to compare it with", settings={
+                                        "alpha": gate.alpha, "min_samples": gate.min_samples,
+                                        "min_slowdown": gate.min_slowdown, "min_snr_db": gate.min_snr_db})
+    return judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples, min_slowdown=gate.min_slowdown,
+                      min_snr_db=gate.min_snr_db)
 
 
 def _number(value: Any) -> float | None:
@@ -304,10 +329,8 @@ def _gate(fleet: Fleet, canaries: list[Device], rest: list[Device], first: list[
         decision = GateDecision("hold", f"no control device on profile(s) {', '.join(sorted(profiles)) or '-'} "
                                         "still runs the current model to compare with")
     else:
-        cans, ctrls = collect_live(fleet, ok, controls, gate, progress,
-                                   {r.device: r.sha256 for r in first if r.device in ok and r.sha256})
-        decision = judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
-                              min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
+        decision = live_decision(fleet, ok, controls, gate, progress,
+                                 {r.device: r.sha256 for r in first if r.device in ok and r.sha256})
     return decision, [{"device": r.device, "kind": "live gate", "chosen": r.variant, "current": None,
                        "feasible": decision.action == "promote", "switch": decision.action == "promote",
                        "reason": decision.reason, "gate": {**decision.as_dict(), "controls": controls}}

@@ -47,11 +47,11 @@ from edge_kit.errors import (
 from edge_kit.fleet.deploy import candidates_for
 from edge_kit.fleet.inventory import Device, Fleet
 from edge_kit.fleet.keys import revoked_on
-from edge_kit.loop.rollout import LiveGate, collect_live, pick_controls
+from edge_kit.loop.rollout import LiveGate, live_decision, pick_controls
 from edge_kit.loop.tune import store_decision
 from edge_kit.manifest import read_manifest
 from edge_kit.selection.fleetmodel import KIND as FLEET_KIND
-from edge_kit.selection.gate import GateDecision, judge_live
+from edge_kit.selection.gate import GateDecision
 from edge_kit.telemetry.store import SELECTION_KIND
 from edgekit_protocol.desired import (
     MAX_REVISION,
@@ -347,7 +347,7 @@ def live_judge(fleet: Fleet, gate: LiveGate, progress: Callable[[str, str], None
                candidates: dict[str, str] | None = None) -> Callable[[list[str], list[str]], GateDecision]:
     """Return the judge of a rollout's first wave: the canaries' live latency (and shadow fidelity)
     against the control devices of the same profiles that still run the current model, by
-    :func:`edge_kit.selection.gate.judge_live` (the same gate as ``deploy --canary --gate live``).
+    :func:`~edge_kit.loop.rollout.live_decision` (the same gate as ``deploy --canary --gate live``).
     ``candidates``: each device's artifact sha256 in the plan (a canary's figures count while it serves its own; a
     control serving any is no control: :func:`~edge_kit.loop.rollout.collect_live`)."""
     def judge(canaries: list[str], controls: list[str]) -> GateDecision:
@@ -355,9 +355,7 @@ def live_judge(fleet: Fleet, gate: LiveGate, progress: Callable[[str, str], None
             return GateDecision("hold", "no canary converged: nothing to judge")
         if not controls:
             return GateDecision("hold", "no control device of the canaries' profiles still runs the current model")
-        cans, ctrls = collect_live(fleet, canaries, controls, gate, progress or (lambda _d, _m: None), candidates)
-        return judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples,
-                          min_slowdown=gate.min_slowdown, min_snr_db=gate.min_snr_db)
+        return live_decision(fleet, canaries, controls, gate, progress or (lambda _d, _m: None), candidates)
     return judge
 
 
@@ -732,18 +730,26 @@ class Rollout:
                 except Exception:  # noqa: BLE001 - the main loop's next heartbeat reports it
                     return
 
-        beater = threading.Thread(target=beat, daemon=True, name="rollout-heartbeat")
-        beater.start()
-        try:
-            decision = self.judge(canaries, controls)
-        finally:
-            beating.set()
-            beater.join()
+        # a run stopped after recording canaries' decisions, before storing the plan's: that decision stands (judged
+        # again, a roll back could come out promote), and is recorded for the canaries still without it
+        recorded = self._recorded_gate(canaries)
+        if recorded:
+            stored = next(iter(recorded.values()))
+            controls = stored.pop("controls", controls)
+            decision = GateDecision(**{k: v for k, v in stored.items() if k in GateDecision.__dataclass_fields__})
+        else:
+            beater = threading.Thread(target=beat, daemon=True, name="rollout-heartbeat")
+            beater.start()
+            try:
+                decision = self.judge(canaries, controls)
+            finally:
+                beating.set()
+                beater.join()
         stop = self._heartbeat()
         if stop:
             return "aborted", stop
         unrecorded: dict[str, list[str]] = {}  # a canary's decision the history refused for what it holds: kept as invalid
-        for d in canaries:
+        for d in (d for d in canaries if d not in recorded):
             self._db("recording the gate", lambda d=d: store_decision(self.history,
                 {"device": d, "kind": "live gate", "rollout": self.rid, "chosen": targets[d]["variant"], "current": None,
                  "feasible": decision.action == "promote", "switch": decision.action == "promote",
@@ -760,6 +766,21 @@ class Rollout:
         if decision.action == "hold":
             return "held", f"live gate: hold: {decision.reason}"
         return self._roll_back_first_wave(plan, order[:first], decision.reason, client)
+
+    def _recorded_gate(self, canaries: list[str]) -> dict[str, dict[str, Any]]:
+        """Return the live-gate decision this rollout recorded for each of ``canaries`` that has one (its newest
+        live-gate decision names this rollout), as recorded (the decision's fields and ``controls``).
+
+        Raises:
+            RolloutError: the history cannot be read.
+        """
+        found = {}
+        for d in canaries:
+            newest = self._db("reading the gate's decisions", lambda d=d: self.history.decisions(
+                device=d, limit=1, kinds=("live gate",)))
+            if newest and newest[0].get("rollout") == self.rid and isinstance(newest[0].get("gate"), dict):
+                found[d] = dict(newest[0]["gate"])
+        return found
 
     def _roll_back_first_wave(self, plan: dict[str, Any], first: list[str], why: str, client: Any,
                               resent: frozenset[str] = frozenset()) -> tuple[str, str]:

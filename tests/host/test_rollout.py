@@ -182,6 +182,23 @@ def test_only_a_canarys_figures_on_its_candidate_count_and_a_control_on_a_candid
     assert ("c1", f"serves {'b' * 12}, not its candidate: its figures are not counted") in said
 
 
+def test_a_gate_whose_every_control_serves_the_candidate_already_holds_saying_so(monkeypatch):
+    """A rollout of the model the fleet runs already (or a profile updated by an earlier deploy): every control was
+    dropped for serving the candidate, and the hold read 'not enough live traffic to judge: the controls answered
+    fewer than 10 requests', sending the user to a longer window that could never help. Now it says why."""
+    from edge_kit.loop import rollout as ro
+    from edge_kit.loop.waves import live_judge
+
+    cand = {"sha256": "a" * 64, "variant": "int8"}
+    busy = [{"requests": 0, "model": cand, "since": 1.0},
+            {"requests": 300, "model": cand, "since": 1.0, "latency_samples_ms": [1.0] * 300}]
+    polled(monkeypatch, {"c1": list(busy), "k1": list(busy), "k2": list(busy)})
+    judge = live_judge(None, ro.LiveGate(window_s=0.5, min_samples=10), candidates={n: "a" * 64 for n in ("c1", "k1", "k2")})
+    decision = judge(["c1"], ["k1", "k2"])
+    assert decision.action == "hold" and decision.reason == ("every control device that answered serves the candidate "
+                                                             "already (k1, k2): none runs the current model to compare it with")
+
+
 def test_a_silent_device_does_not_stop_the_gate(monkeypatch):
     """One control among many is offline (its `state` request times out): before, the AgentTimeout ended the
     gate (and the command) with the canaries on the candidate. Now that control is dropped and named; a

@@ -586,6 +586,33 @@ def test_a_gate_roll_back_interrupted_while_sending_the_canaries_back_is_finishe
     assert all(broker.desired[d].sha256 == "0" * 64 for d in names[:2])
 
 
+def test_a_gate_decision_recorded_before_the_run_stopped_stands_on_resume_and_is_recorded_once(tmp_path):
+    """The canaries' decisions were recorded before the plan stored the gate's: a run stopped in between (Ctrl-C, the
+    history gone) was judged again on resume, a roll back could come out promote, and the history held both. Now the
+    recorded decision is carried out, and each canary's is recorded once."""
+    from edge_kit.selection.gate import GateDecision
+
+    history = Store(tmp_path / "h.db")
+    names = planned(history, gate={"window_s": 1})
+
+    def add_decision(decision):  # the host went down recording the second canary's
+        if decision["device"] == names[1]:
+            raise KeyboardInterrupt("the host went down")
+        return Store.add_decision(history, decision)
+
+    history.add_decision = add_decision
+    with pytest.raises(RolloutInterrupted):
+        Rollout(history, "r", FakeBroker(), judge=lambda c, k: GateDecision("roll back", "canaries slower")).run()
+    del history.add_decision
+    assert "gated" not in history.rollout("r")["body"]
+    broker = FakeBroker()
+    out = Rollout(history, "r", broker, judge=lambda c, k: pytest.fail("judged again")).run()
+    assert out["state"] == "rolled back" and out["reason"].startswith("live gate: roll back: canaries slower")
+    assert {d for d, _ in broker.sent} == set(names[:2])  # no later wave got the candidate
+    for d in names[:2]:
+        assert [x["reason"] for x in history.decisions(device=d, kinds=("live gate",))] == ["canaries slower"]
+
+
 def test_a_gate_hold_is_stored_held_with_its_decision_in_one_write(tmp_path):
     """The hold was stored as 'running' with its decision, and 'held' only at the end of the run: a driver stopped in
     between left a running rollout (`status`: no host drives it, resume goes on) whose resume sent the next waves,
