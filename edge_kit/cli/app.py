@@ -30,7 +30,7 @@ from rich.segment import Segments
 from rich.table import Table
 
 from edgekit_protocol.commands import MAX_TTL_S, bounds
-from edgekit_protocol.labels import printable  # one rule for the CLI and /metrics
+from edgekit_protocol.labels import clip, printable  # one rule for the CLI and /metrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="edge-kit: compile one model into per-device variants and keep a fleet on the best one.")
@@ -346,7 +346,10 @@ def gate_lines(gate: dict[str, Any], promoted: bool) -> str:
     from edge_kit.selection.gate import SOURCE
 
     text = f"live gate: {gate.get('action')}: {gate.get('reason')}\n" if promoted else ""
-    return safe(text + f"gate figures: {gate.get('source') or SOURCE}; test: {gate.get('test') or '-'}")
+    clocks = gate.get("clocks") if isinstance(gate.get("clocks"), list) else []  # none in a decision stored before
+    return safe(text + f"gate figures: {gate.get('source') or SOURCE}"
+                + (f"; clocks: {'; '.join(clip(str(c), 120) for c in clocks[:8])}" if clocks else "")
+                + f"; test: {gate.get('test') or '-'}")
 
 
 def live_gate(gate: str | None, window: float, min_requests: int, alpha: float, min_slowdown: float, shadow: float,

@@ -430,12 +430,14 @@ def test_the_cli_says_what_the_gate_decided_and_where_its_figures_came_from(caps
     from edge_kit.cli.rollout import _print
     from edge_kit.selection.gate import LiveEvidence, judge_live
 
-    d = judge_live([LiveEvidence("c1", [1.0] * 300)], [LiveEvidence("k1", [1.0] * 300)])
+    d = judge_live([LiveEvidence("c1", [1.0] * 300, clock="perf_counter_ns from a request read to its answer ready")],
+                   [LiveEvidence("k1", [1.0] * 300)])
     _print({"id": "r", "state": "done", "reason": None, "gate": d.as_dict(), "counts": {"converged": 2},
             "refused_messages": 0, "devices": []})
     text = " ".join(capsys.readouterr().out.split())
     assert "live gate: promote: canaries not slower" in text
-    assert "gate figures: measured: service times of each device's serving API on its own traffic (perf_counter_ns" in text
+    assert "gate figures: measured: service times of each device's serving API on its own traffic (timed on the device" in text
+    assert "clocks: clock not named; perf_counter_ns from a request read to its answer ready; test: one-sided" in text
     assert "test: one-sided Mann-Whitney U" in text
 
 
