@@ -290,13 +290,16 @@ def rollout(fleet: Fleet, devices: list[Device], opts: DeployOptions, canary: fl
             roll_back(fleet, switched, opts, first, f"rolled back: the live gate was interrupted ({type(exc).__name__}"
                                                     f"{': ' + str(exc).splitlines()[0] if str(exc) else ''})")
             raise
-        if decision.action == "roll back":  # every canary judged, also one a run before had switched (a hold, rerun)
-            judged = [d for d in canaries if d.name in _on_candidate(first)]
-            roll_back(fleet, judged, opts, first, f"rolled back by the live gate: {decision.reason}")
-        # Recorded once acted on, before the rest is deployed: a history that fails (HistoryError) then stops
-        # the command with the canaries already rolled back and the rest untouched, never half-way.
-        for entry in entries if record is not None else ():
-            record(entry)
+        try:
+            if decision.action == "roll back":  # every canary judged, also one a run before had switched (a hold, rerun)
+                judged = [d for d in canaries if d.name in _on_candidate(first)]
+                roll_back(fleet, judged, opts, first, f"rolled back by the live gate: {decision.reason}")
+        finally:
+            # Recorded once acted on (or cut short acting on it: Ctrl-C during the rollbacks), before the rest is
+            # deployed: a history that fails (HistoryError) then stops the command with the canaries already rolled
+            # back and the rest untouched, never half-way.
+            for entry in entries if record is not None else ():
+                record(entry)
         if decision.action != "promote":
             held = "held by the live gate (the canaries keep the candidate)" if decision.action == "hold" else \
                 "rollout stopped by the live gate"

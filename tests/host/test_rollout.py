@@ -93,6 +93,36 @@ def test_a_history_that_fails_to_record_the_gate_does_not_leave_a_rolled_back_ca
     assert rolled == ["c1"] and deployed == ["c1"]
 
 
+def test_a_roll_back_cut_short_by_ctrl_c_still_records_the_gates_decision(monkeypatch, tmp_path):
+    """Ctrl-C while the canaries were being rolled back left the decision unrecorded: the history (and the report)
+    never said the candidate had been judged slower, though a canary already ran its previous model again."""
+    import pytest
+
+    from edge_kit.fleet.deploy import DeployOptions, GroupResult
+    from edge_kit.fleet.inventory import Device
+    from edge_kit.loop import rollout as ro
+    from edge_kit.selection.gate import GateDecision
+
+    devices = [Device(name=n, host="127.0.0.1", user="edgekit", profile="rpi4") for n in ("c1", "c2", "r1", "r2", "r3")]
+    recorded = []
+    monkeypatch.setattr(ro, "deploy", lambda _f, targets, *_a: GroupResult(
+        [DeviceResult(d.name, "succeeded", activated=True, variant="int8") for d in targets]))
+    monkeypatch.setattr(ro, "read_manifest", lambda *_a: None)
+    monkeypatch.setattr(ro, "check_built_for", lambda *_a: None)
+    monkeypatch.setattr(ro, "broken_constraints", lambda *_a: None)
+    monkeypatch.setattr(ro, "collect_live", lambda *_a, **_k: ([], []))
+    monkeypatch.setattr(ro, "judge_live", lambda *_a, **_k: GateDecision("roll back", "canaries slower"))
+
+    def interrupted(*_a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ro, "roll_back", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ro.rollout(SimpleNamespace(artifact_trust=lambda: None), devices, DeployOptions(tmp_path), canary=0.4,
+                   gate=ro.LiveGate(), record=recorded.append)
+    assert recorded and {e["gate"]["action"] for e in recorded} == {"roll back"}
+
+
 def test_live_figures_of_any_shape_are_evidence_only_where_they_are_numbers(monkeypatch):
     """A buggy (but signed) agent answers ``state`` with live figures of the wrong shape: text for the request
     count, text and bools among the samples, no ``live`` object at all. The gate counts only numbers."""
