@@ -127,7 +127,8 @@ def pick_controls(names: list[str], limit: int = MAX_CONTROLS) -> list[str]:
 
 def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: LiveGate,
                  progress: Callable[[str, str], None], candidates: dict[str, str] | None = None,
-                 serving: set[str] | None = None) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
+                 serving: set[str] | None = None, strays: dict[str, str] | None = None
+                 ) -> tuple[list[LiveEvidence], list[LiveEvidence]]:
     """Poll the devices' live figures until every one has ``min_samples`` answered since the gate
     started (what the health benchmark and the first requests after the switch did is not counted),
     or the window ends.
@@ -138,7 +139,8 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
     A device whose served model's counters began again (its agent restarted, or it swapped models: a new
     ``since`` or model) keeps what it gave and counts all its requests since. ``candidates`` (device -> the sha256 of
     the candidate it gets): a canary's figures count only while it serves its own, and a control serving any of them
-    is dropped (it is no control); each is named in ``progress``, and added to ``serving`` when given.
+    is dropped (it is no control); each is named in ``progress``, and added to ``serving`` when given; ``strays``, when
+    given, holds each canary last seen serving another model than its candidate, with that model (``no model``).
 
     Returns:
         The canaries' and the controls' evidence, in the order given (empty samples where none came), each
@@ -195,7 +197,11 @@ def collect_live(fleet: Fleet, canaries: list[str], controls: list[str], gate: L
                 start[name] = (epoch, base, answered)
                 if name in canaries and name in (candidates or {}) and model != candidates[name]:  # not its candidate
                     progress(name, f"serves {(model or 'no model')[:12]}, not its candidate: its figures are not counted")
+                    if strays is not None:
+                        strays[name] = (model or "no model")[:12]
                     continue
+                if strays is not None:
+                    strays.pop(name, None)
                 new = int(answered - base)
                 samples = field_at(live, "latency_samples_ms")
                 # the newest answered since the gate started, never more than were asked for (a device's word)
@@ -227,7 +233,8 @@ def live_decision(fleet: Fleet, canaries: list[str], controls: list[str], gate: 
         AgentError: the fleet's broker cannot be reached.
     """
     serving: set[str] = set()
-    cans, ctrls = collect_live(fleet, canaries, controls, gate, progress, candidates, serving)
+    strays: dict[str, str] = {}
+    cans, ctrls = collect_live(fleet, canaries, controls, gate, progress, candidates, serving, strays)
     if serving and not ctrls:
         named = sorted(serving)
         return GateDecision("hold", f"every control device that answered serves the candidate already ("
@@ -235,8 +242,15 @@ def live_decision(fleet: Fleet, canaries: list[str], controls: list[str], gate: 
                                     "none runs the current model to compare it with", settings={
                                         "alpha": gate.alpha, "min_samples": gate.min_samples,
                                         "min_slowdown": gate.min_slowdown, "min_snr_db": gate.min_snr_db})
-    return judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples, min_slowdown=gate.min_slowdown,
-                      min_snr_db=gate.min_snr_db)
+    decision = judge_live(cans, ctrls, alpha=gate.alpha, min_samples=gate.min_samples, min_slowdown=gate.min_slowdown,
+                          min_snr_db=gate.min_snr_db)
+    if decision.action == "hold" and strays:  # why its traffic fell short: not "too little traffic" alone
+        off = ", ".join(f"{name} serves {model}" for name, model in sorted(strays.items())[:5])
+        decision = replace(decision, reason=f"not on their candidate at the end of the window ({off}"
+                                            f"{f' and {len(strays) - 5} more' if len(strays) > 5 else ''}: an agent "
+                                            f"went back to its previous model?): their figures are not counted; "
+                                            + decision.reason)
+    return decision
 
 
 def _number(value: Any) -> float | None:

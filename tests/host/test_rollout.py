@@ -625,3 +625,21 @@ def test_the_gate_records_the_clocks_the_devices_named_and_the_report_quotes_the
 
     rows, clocks = _gate_rows(Store())
     assert len(rows) == 2 and clocks == ["<b>my own timer", said]
+
+
+def test_a_hold_because_a_canary_left_its_candidate_says_so_not_only_too_little_traffic(monkeypatch):
+    """A canary whose agent went back to its previous model has its figures left out; the hold then said only that it
+    "answered fewer than N requests", and a longer window looked like the fix (only the progress line told)."""
+    from edge_kit.loop import rollout as ro
+
+    cand, old = {"sha256": "a" * 64, "variant": "int8"}, {"sha256": "b" * 64, "variant": "fp32"}
+    polled(monkeypatch, {
+        "c1": [{"requests": 0, "model": cand, "since": 1.0},
+               {"requests": 300, "model": old, "since": 9.0, "latency_samples_ms": [1.0] * 300}],
+        "k1": [{"requests": 0, "model": old, "since": 1.0},
+               {"requests": 300, "model": old, "since": 1.0, "latency_samples_ms": [1.0] * 300}]})
+    decision = ro.live_decision(None, ["c1"], ["k1"], ro.LiveGate(window_s=0.5, min_samples=10), lambda *_: None,
+                                {"c1": "a" * 64})
+    assert decision.action == "hold"
+    assert decision.reason.startswith("not on their candidate at the end of the window (c1 serves bbbbbbbbbbbb: ")
+    assert "c1 answered fewer than 10 requests" in decision.reason
