@@ -397,3 +397,51 @@ def test_a_share_worker_upgraded_in_place_leaves_the_group_its_session_joined_un
         publisher.disconnect()
         publisher.loop_stop()
         broker.stop()
+
+
+def test_an_agent_upgraded_to_its_hashed_client_id_drops_the_session_its_plain_one_kept(tmp_path, digits_artifacts):
+    """An agent before its client id ended in a hash of its password connected as `edgekit-agent-<fleet>-<device>`
+    with a persistent session; upgraded, it connects under the new id and nothing read the old session again, which
+    Mosquitto kept for ever, queuing in it every command and desired state sent to the device since (up to 100,000
+    messages, with no byte limit). The agent now drops it once connected."""
+    from harness import FLEET, AgentProcess, wait_until
+
+    from edge_kit.fleet.broker_setup import fleet_acl
+    from edge_kit.sim.broker import MosquittoBroker
+
+    users = {"operator": "operator-secret", "d2": "d2-secret"}
+    broker = MosquittoBroker(tmp_path / "broker", users=users, acl=fleet_acl(FLEET)).start()
+    former = f"edgekit-agent-{FLEET}-d2"
+
+    def session_kept() -> bool:
+        """Connect as the former id, keeping its session (subscribed to d2's commands); return whether the broker
+        held one already."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=former, clean_session=False)
+        client.username_pw_set("d2", users["d2"])
+        flags: list[bool] = []
+        subscribed = threading.Event()
+        client.on_connect = lambda _c, _u, f, *_: flags.append(f.session_present)
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        try:
+            assert wait_until(lambda: bool(flags), 10)
+            client.subscribe(messages.topic(FLEET, "d2", "cmd"), qos=1)
+            assert subscribed.wait(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        return flags[0]
+
+    assert not session_kept()  # the older agent's session, left on the broker
+    (tmp_path / "d2.pass").write_text("d2-secret\n")
+    agent = AgentProcess(tmp_path, "d2", broker, digits_artifacts,
+                         broker={"username": "d2", "password_file": str(tmp_path / "d2.pass")}).start()
+    try:
+        assert wait_until(lambda: agent.log.exists() and "connected to" in agent.log.read_text(), 60), \
+            agent.log.read_text()[-2000:] if agent.log.exists() else "no log"
+        assert wait_until(lambda: "dropped the broker session" in agent.log.read_text(), 20), agent.log.read_text()[-2000:]
+        assert not session_kept()
+    finally:
+        agent.stop()
+        broker.stop()
