@@ -358,22 +358,26 @@ def _scope(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str | No
             else "private" if ip.is_private else None)
 
 
-def _resolve(host: str) -> list[str]:
-    """Return the addresses ``host`` resolves to here (empty when it does not); a seam for the tests."""
+def _resolve(host: str, watchdog: _Watchdog | None = None) -> list[str]:
+    """Return the addresses ``host`` resolves to here (empty when it does not, or when ``watchdog`` gave the lookup up:
+    its ``fired`` says so); a seam for the tests."""
     try:
+        if watchdog is not None:
+            return [info[4][0] for info in watchdog.resolve(host, 0)]
         return [info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)]
     except (OSError, UnicodeError, ValueError):
         return []
 
 
 def _is_on(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, host: str,
-           first: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+           first: ipaddress.IPv4Address | ipaddress.IPv6Address | None, watchdog: _Watchdog | None = None) -> bool:
     """Return whether ``ip`` is an address the store the operator named is on: ``first``, the address its first
     request reached, or, when ``host`` is a name, any address it resolves to (``store.local`` on a LAN of Pis: an
-    IPv4 address and an IPv6 link-local one). Resolved only when a redirect asks."""
+    IPv4 address and an IPv6 link-local one). Resolved only when a redirect asks, the lookup given up at
+    ``watchdog``'s cancel or deadline (then False, and its ``fired`` says why)."""
     if ip is None or ip == first:
         return ip is not None
-    return _ip(host) is None and ip in {_ip(a) for a in _resolve(host)}
+    return _ip(host) is None and ip in {_ip(a) for a in _resolve(host, watchdog)}
 
 
 def _target(url: str) -> str:
@@ -415,8 +419,10 @@ def _open(url: str, headers: dict[str, str], timeout_s: float, ssl_context: ssl.
         elif host != first_host:  # a redirect elsewhere: never to a local address the named store is not on
             ip = _peer(conn)
             scope = _scope(ip)
-            if scope is not None and not _is_on(ip, first_host, first_ip):  # before any request: none sent
+            if scope is not None and not _is_on(ip, first_host, first_ip, watchdog):  # before any request: none sent
                 conn.close()
+                if watchdog is not None and watchdog.fired:
+                    return watchdog.fired  # it gave the lookup of the store's name up: neither answer is known
                 where = f"its own {scope} address" if scope != "private" else "a private address"
                 raise FetchError(f"{first_url}: the store redirected the device to {where} ({url[:120]} at {ip}), "
                                  f"where local services listen and the store named ({first_host[:120]}) is not; fix "

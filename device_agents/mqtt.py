@@ -97,6 +97,28 @@ def agent_client_id(fleet: str, device: str, password: str | None) -> str:
     return f"{base}.{hashlib.sha256(password.encode(errors='surrogateescape')).hexdigest()[:12]}"
 
 
+def drop_session(broker: BrokerConfig, client_id: str, password: str | None, timeout_s: float = 10.0) -> bool:
+    """Connect once as ``client_id`` with a clean session and disconnect, so the broker drops the persistent session it
+    kept under that id: its subscriptions, and the messages it would queue for them for ever (an agent's id before
+    :func:`agent_client_id` named it by its password: every command and desired state sent to the device since).
+    Return whether the broker took the connection within ``timeout_s``. Never raises (a broker not reached: False)."""
+    try:
+        client = make_client(broker, client_id, password=password, clean=True)
+        answered, took = threading.Event(), []
+        client.on_connect = lambda _c, _u, _f, reason, _p: (took.append(not reason.is_failure), answered.set())
+        client.connect(broker.host, broker.port, keepalive=max(5, int(timeout_s)))
+        client.loop_start()
+        try:
+            answered.wait(timeout_s)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        return took == [True]
+    except Exception as exc:  # noqa: BLE001 - tried again at the next start
+        log.debug("the session of %s was not dropped: %s", client_id, exc)
+        return False
+
+
 def make_client(broker: BrokerConfig, client_id: str, *, password: str | None = None, v5: bool = False,
                 clean: bool = True, manual_ack: bool = False, read_ahead: bool = False) -> mqtt.Client:
     """Return a configured, not yet connected paho client.

@@ -53,7 +53,12 @@ from device_agents.identity import (
     provisioned_at,
     read_operators,
 )
-from device_agents.mqtt import SpooledPublisher, agent_client_id, make_client
+from device_agents.mqtt import (
+    SpooledPublisher,
+    agent_client_id,
+    drop_session,
+    make_client,
+)
 from device_agents.power import SensorEnv, SensorMeter, power_meter
 from device_agents.reconcile import Reconciler
 from device_agents.runtimes import RUNTIMES, prepare_installed
@@ -162,6 +167,8 @@ class Agent:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
         self._unreachable = False  # the broker could not be reached since the last connection (logged once)
+        # the session an agent before agent_client_id kept under its plain id: dropped once this run is connected
+        self._former_id = agent_client_id(cfg.fleet, cfg.device, None) if password is not None else None
         self.client.on_message = self._on_message
         self.client.on_publish = self.publisher.on_publish
         self._will(self.client)
@@ -428,6 +435,20 @@ class Agent:
         self.publisher.wake()
         self._unreachable = False
         log.info("connected to %s:%s", self.cfg.broker.host, self.cfg.broker.port)
+        if self._former_id is not None:
+            threading.Thread(target=self._drop_former_session, args=(self._former_id,), daemon=True,
+                             name="drop-former-session").start()
+            self._former_id = None
+
+    def _drop_former_session(self, former: str) -> None:
+        """Drop the persistent session the broker kept under ``former``, the client id an older agent connected with
+        (:func:`~device_agents.mqtt.drop_session`): nothing reads it any more, and the broker would queue every command
+        and desired state sent to this device in it for ever. Tried again at the next connect when the broker did not
+        take it; returns nothing, never raises."""
+        if drop_session(self.cfg.broker, former, self.cfg.password()):
+            log.info("dropped the broker session of %s, the client id of an older agent", former)
+        else:
+            self._former_id = former
 
     def _on_connect_fail(self, _client: Any, _u: Any) -> None:
         """Log, once until a connection succeeds, that the broker cannot be reached (paho retries): an

@@ -120,9 +120,10 @@ class FleetClient:
         # device -> the reported state (a pull rollout's agent's) the broker held retained for it, verified
         self.retained_reported: dict[str, dict[str, Any]] = {}
         self._retained_at = 0.0
-        # device -> (received, highest seq, latest `started`) each time a status raised either: what a status
-        # must beat to prove a new start (a replayed old one raises neither, so it never adds a row)
-        self._status_peaks: dict[str, deque[tuple[float, int, float]]] = {}
+        # device -> (received, epoch, highest seq of that epoch, latest `started`) each time a status raised either or
+        # brought an epoch not seen before: what a status must beat to prove a new start (a replayed old one raises
+        # neither, so it never adds a row)
+        self._status_peaks: dict[str, deque[tuple[float, str | None, int, float]]] = {}
         self._connected = threading.Event()
         self._refused: str | None = None
         self.client.on_connect = self._on_connect
@@ -207,9 +208,11 @@ class FleetClient:
                     self.retained[device], self._retained_at = msg, time.monotonic()
                 self.status.setdefault(device, deque(maxlen=MAX_STATUS)).append((now, msg))
                 peaks = self._status_peaks.setdefault(device, deque(maxlen=MAX_STATUS))
-                seq, started = msg["seq"], _started(msg)
-                if not peaks or seq > peaks[-1][1] or started > peaks[-1][2]:
-                    peaks.append((now, max(seq, peaks[-1][1] if peaks else seq), max(started, peaks[-1][2] if peaks else started)))
+                seq, started, epoch = msg["seq"], _started(msg), messages.message_epoch(msg)
+                top = max((p[2] for p in peaks if p[1] == epoch), default=None)
+                latest = peaks[-1][3] if peaks else started
+                if top is None or seq > top or started > latest:
+                    peaks.append((now, epoch, seq if top is None else max(seq, top), max(started, latest)))
             self._cond.notify_all()
 
     def _genuine_bench_id(self, topic: str, payload: bytes) -> tuple[str, str] | None:
@@ -336,13 +339,27 @@ class FleetClient:
 
     def wait_online(self, device: str, since: float, timeout: float) -> dict[str, Any] | None:
         """Return the first ``online`` status of ``device`` received after ``since`` (host clock) that is newer than
-        every status received before it (a higher ``seq``, or a later ``started``: a new start, not a replay of
-        an old one, which anyone holding the device's broker password could publish), or None."""
+        every status received before it (a higher ``seq`` in its ``epoch``, a later ``started``, or an epoch none of
+        them carried: a new start, not a replay of an old one, which anyone holding the device's broker password could
+        publish), or None. An agent that was running when its device lost power numbers in a new epoch from 1, and a
+        device without a real-time clock may start it on an older time: its epoch is what tells. A replayed status of
+        an epoch this client never saw passes too; the commands sent next then go unanswered, as to any agent
+        offline."""
         def fresh() -> dict[str, Any] | None:
             before = [p for p in self._status_peaks.get(device, ()) if p[0] < since]
-            _, seq, started = before[-1] if before else (0.0, -1, float("-inf"))
+            tops: dict[str | None, int] = {}
+            for _, epoch, seq, _started_at in before:
+                tops[epoch] = max(seq, tops.get(epoch, seq))
+            started = before[-1][3] if before else float("-inf")
+
+            def new(m: dict[str, Any]) -> bool:
+                epoch = messages.message_epoch(m)
+                if epoch is not None and epoch not in tops:
+                    return True
+                return m["seq"] > tops.get(epoch, max(tops.values(), default=-1)) or _started(m) > started
+
             return next((m for t, m in self.status.get(device, []) if t >= since and m.get("state") == "online"
-                         and (m["seq"] > seq or _started(m) > started)), None)
+                         and new(m)), None)
 
         with self._cond:
             self._cond.wait_for(lambda: fresh() is not None, timeout)

@@ -615,6 +615,9 @@ class Monitor:
             self._connected.set()
             return
         client.on_subscribe = lambda *_: self._connected.set()  # ready once the broker confirms the subscriptions
+        if self.share is not None and self._group != self.share:  # a session an edge-kit before share_group left
+            # joined the group under the bare name, open to any device: left, or each record would come once a group
+            client.unsubscribe([messages.subscription(self.fleet.fleet, k, share=self.share) for k in STORED_KINDS])
         client.subscribe([(messages.subscription(self.fleet.fleet, k, share=self._group), 1) for k in STORED_KINDS])
 
     def start(self, timeout: float = 10.0) -> Monitor:

@@ -342,6 +342,41 @@ def test_a_name_lookup_that_hangs_is_left_at_the_deadline_or_a_cancel(store, tmp
     assert fetch(artifact_url(store.url, SHA), SHA, tmp_path / "c.bin", max_seconds=5.0).bytes_downloaded == len(DATA)
 
 
+def test_the_lookup_a_redirect_check_makes_of_the_named_store_is_left_at_the_deadline_or_a_cancel(
+        store, tmp_path, monkeypatch):
+    """A redirect to a local address the first connection was not on looks the named store's name up again (is it on
+    that address too?); that lookup was the system resolver's, unwatched: a DNS server gone silent since the first
+    lookup held the download for its own timeouts past max_seconds and past a cancel, and then refused the redirect
+    as if the store were not on that address."""
+    local = _Store()  # the host the store redirects to, on the device's loopback
+    threading.Thread(target=local.serve_forever, args=(0.05,), daemon=True).start()
+    real_peer, real_lookup, lookups = socket.socket.getpeername, socket.getaddrinfo, []
+    store_port = store.server_address[1]
+
+    def peer(sock):  # the store stands for a remote one
+        address = real_peer(sock)
+        return ("203.0.113.5", address[1]) if address[1] == store_port else address
+
+    def silent_after_the_first(host, port, *args, **kw):  # each fetch: its connect's lookup, then the check's
+        if host != "store.test":
+            return real_lookup(host, port, *args, **kw)
+        lookups.append(host)
+        if len(lookups) % 2 == 0:
+            time.sleep(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_lookup("127.0.0.1", port, *args, **kw)
+
+    monkeypatch.setattr(socket.socket, "getpeername", peer)
+    monkeypatch.setattr(socket, "getaddrinfo", silent_after_the_first)
+    store.location = f"http://localhost:{local.server_address[1]}/sha256/{SHA}"
+    try:
+        _left_at_the_deadline_and_at_a_cancel(f"http://store.test:{store_port}/moved", tmp_path, timeout_s=20)
+    finally:
+        local.shutdown()
+        local.server_close()
+    assert len(lookups) == 4 and local.requests == []
+
+
 @pytest.mark.parametrize("where", ["http://a..b/x", "http://[::1/x", "http://xn--/x"])
 def test_a_redirect_to_a_url_that_cannot_be_one_is_a_fetch_error(store, tmp_path, where):
     store.location = where
@@ -447,7 +482,7 @@ def lan(store, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "getpeername", peer)
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
-    monkeypatch.setattr(fetching, "_resolve", lambda host: names.get(host, []), raising=False)
+    monkeypatch.setattr(fetching, "_resolve", lambda host, *_: names.get(host, []), raising=False)
     yield other, seen_as, names
     other.shutdown()
     other.server_close()

@@ -434,6 +434,39 @@ def test_a_replayed_old_online_status_is_not_taken_for_a_restarted_agent():
         assert c.wait_online("d1", since, 1)["seq"] == 1
 
 
+def test_an_agent_numbering_in_a_new_epoch_on_an_older_clock_is_taken_for_a_restarted_one():
+    """An agent that was running when its device lost power numbers in a new epoch from seq 1 at its next start, and a
+    Pi without a real-time clock restores an older time: its first status was neither higher-numbered nor started
+    later than the will of the run before, and wait_online waited its whole timeout (the deploy failed an agent that
+    was online). A status of an epoch not seen before is a new start; its seqs are then compared within that epoch,
+    and a replayed status of an epoch seen before still proves nothing."""
+    import time as _time
+
+    def status(seq: int, started: float, epoch: str, state: str = "online") -> bytes:
+        msg = DEVICES["d1"].sign(messages.envelope("status", FLEET, "d1", seq, {"state": state, "started": started},
+                                                   epoch=epoch))
+        return messages.encode(msg)
+
+    a, b = "a" * 15 + "1", "b" * 15 + "1"
+    with client(agent()) as c:
+        topic = messages.topic(FLEET, "d1", "status")
+        old_online = status(499, 2000.0, a)
+        c.client.deliver(topic, old_online)
+        c.client.deliver(topic, status(500, 2000.0, a, "offline"))  # its will, retained when the power went
+        since = _time.time()
+        _time.sleep(0.01)
+        c.client.deliver(topic, old_online)  # a replay of its epoch: nothing new
+        assert c.wait_online("d1", since, 0.05) is None
+        c.client.deliver(topic, status(1, 1500.0, b))  # after the power cut: a new epoch, an older clock
+        assert c.wait_online("d1", since, 1)["seq"] == 1
+        since = _time.time()
+        _time.sleep(0.01)
+        c.client.deliver(topic, status(1, 1500.0, b))  # replayed: nothing new
+        assert c.wait_online("d1", since, 0.05) is None
+        c.client.deliver(topic, status(3, 1500.0, b))  # restarted within epoch b (its clock still behind)
+        assert c.wait_online("d1", since, 1)["seq"] == 3
+
+
 def _acks_with(result: dict[str, Any], **ack: Any):
     """Return an ``answer``: a compromised d1 whose every ack is ok with ``result`` (and ``ack``'s fields), others
     healthy agents."""

@@ -259,17 +259,13 @@ def test_the_embedded_broker_refuses_a_packet_over_the_limit_mosquitto_sets_and_
         terminate_pid(proc.pid)
 
 
-def test_a_device_subscribing_to_the_monitors_shared_group_by_its_name_takes_no_record_from_it(tmp_path):
-    """Mosquitto hands each message of a shared subscription to the group's members in turn and drops it when that
-    member may not read it, and it lets any user subscribe: a device's broker user subscribed to
-    `$share/<--share NAME>/...` took every other record of every device from `monitor --share NAME`, stored by no
-    worker. The workers' group is named from NAME and the operator's broker password now, which no device holds."""
+def _walled_fleet(tmp_path):
+    """Start Mosquitto with passwords (operator, d1, d2) and the fleet ACL, write fleet ``walled`` for the operator and
+    register a key for d2; return ``(broker, users, fleet, d2's signer)``."""
     from device_agents.identity import Signer
     from edge_kit.fleet.broker_setup import fleet_acl
     from edge_kit.fleet.inventory import load_fleet
     from edge_kit.sim.broker import MosquittoBroker
-    from edge_kit.telemetry.monitor import Monitor
-    from edge_kit.telemetry.store import Store
 
     users = {"operator": "operator-secret", "d1": "d1-secret", "d2": "d2-secret"}
     broker = MosquittoBroker(tmp_path / "broker", users=users, acl=fleet_acl("walled")).start()
@@ -281,6 +277,18 @@ def test_a_device_subscribing_to_the_monitors_shared_group_by_its_name_takes_no_
     fleet = load_fleet(fleet_file)
     d2 = Signer.generate()
     fleet.key_store().register("d2", d2.public)
+    return broker, users, fleet, d2
+
+
+def test_a_device_subscribing_to_the_monitors_shared_group_by_its_name_takes_no_record_from_it(tmp_path):
+    """Mosquitto hands each message of a shared subscription to the group's members in turn and drops it when that
+    member may not read it, and it lets any user subscribe: a device's broker user subscribed to
+    `$share/<--share NAME>/...` took every other record of every device from `monitor --share NAME`, stored by no
+    worker. The workers' group is named from NAME and the operator's broker password now, which no device holds."""
+    from edge_kit.telemetry.monitor import Monitor
+    from edge_kit.telemetry.store import Store
+
+    broker, users, fleet, d2 = _walled_fleet(tmp_path)
     mon = Monitor(fleet, Store(tmp_path / "h.db"), share="monitors", workers=1, verify_in_child=False).start()
     intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="intruder", protocol=mqtt.MQTTv5)
     intruder.username_pw_set("d1", users["d1"])
@@ -341,5 +349,99 @@ def test_another_device_connecting_with_the_client_id_an_agent_had_keeps_it_conn
         if thief is not None:
             thief.disconnect()
             thief.loop_stop()
+        agent.stop()
+        broker.stop()
+
+
+def test_a_share_worker_upgraded_in_place_leaves_the_group_its_session_joined_under_the_bare_name(tmp_path):
+    """A worker's persistent session (its default client id, kept an hour) holds its subscriptions: one started
+    before the group was named from the operator's password had joined `$share/NAME/...`, and an upgraded one added
+    `$share/NAME.<hash>/...` to it. The broker then handed each record to the worker once for each group: every record
+    came twice, spent its device's ingest budget twice, and the bare group stayed open to any device. The worker now
+    leaves the bare group at its connect."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_kit.telemetry.monitor import STORED_KINDS, Monitor
+    from edge_kit.telemetry.store import Store
+
+    broker, users, fleet, d2 = _walled_fleet(tmp_path)
+    old = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="worker-1", protocol=mqtt.MQTTv5)
+    old.username_pw_set("operator", users["operator"])
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    subscribed = threading.Event()
+    old.on_subscribe = lambda *_: subscribed.set()
+    old.connect(broker.host, broker.port, clean_start=False, properties=props)
+    old.loop_start()
+    old.subscribe([(messages.subscription("walled", k, share="monitors"), 1) for k in STORED_KINDS])
+    assert subscribed.wait(10)
+    old.disconnect()
+    old.loop_stop()
+    mon = Monitor(fleet, Store(tmp_path / "h.db"), share="monitors", workers=1, client_id="worker-1", persistent=True,
+                  verify_in_child=False).start()
+    publisher, how = connect(broker, "d2", users["d2"])
+    try:
+        assert how == "ok"
+        n = 10
+        for seq in range(1, n + 1):
+            msg = d2.sign(messages.envelope("telemetry", "walled", "d2", seq, {"conditions": {}, "spool": {}}))
+            publisher.publish(messages.topic("walled", "d2", "telemetry"), messages.encode(msg), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while mon.stats.stored < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # a second copy of each would have come by now
+        assert (mon.stats.stored, mon.stats.duplicates) == (n, 0), mon.stats
+    finally:
+        mon.stop()
+        publisher.disconnect()
+        publisher.loop_stop()
+        broker.stop()
+
+
+def test_an_agent_upgraded_to_its_hashed_client_id_drops_the_session_its_plain_one_kept(tmp_path, digits_artifacts):
+    """An agent before its client id ended in a hash of its password connected as `edgekit-agent-<fleet>-<device>`
+    with a persistent session; upgraded, it connects under the new id and nothing read the old session again, which
+    Mosquitto kept for ever, queuing in it every command and desired state sent to the device since (up to 100,000
+    messages, with no byte limit). The agent now drops it once connected."""
+    from harness import FLEET, AgentProcess, wait_until
+
+    from edge_kit.fleet.broker_setup import fleet_acl
+    from edge_kit.sim.broker import MosquittoBroker
+
+    users = {"operator": "operator-secret", "d2": "d2-secret"}
+    broker = MosquittoBroker(tmp_path / "broker", users=users, acl=fleet_acl(FLEET)).start()
+    former = f"edgekit-agent-{FLEET}-d2"
+
+    def session_kept() -> bool:
+        """Connect as the former id, keeping its session (subscribed to d2's commands); return whether the broker
+        held one already."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=former, clean_session=False)
+        client.username_pw_set("d2", users["d2"])
+        flags: list[bool] = []
+        subscribed = threading.Event()
+        client.on_connect = lambda _c, _u, f, *_: flags.append(f.session_present)
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        try:
+            assert wait_until(lambda: bool(flags), 10)
+            client.subscribe(messages.topic(FLEET, "d2", "cmd"), qos=1)
+            assert subscribed.wait(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        return flags[0]
+
+    assert not session_kept()  # the older agent's session, left on the broker
+    (tmp_path / "d2.pass").write_text("d2-secret\n")
+    agent = AgentProcess(tmp_path, "d2", broker, digits_artifacts,
+                         broker={"username": "d2", "password_file": str(tmp_path / "d2.pass")}).start()
+    try:
+        assert wait_until(lambda: agent.log.exists() and "connected to" in agent.log.read_text(), 60), \
+            agent.log.read_text()[-2000:] if agent.log.exists() else "no log"
+        assert wait_until(lambda: "dropped the broker session" in agent.log.read_text(), 20), agent.log.read_text()[-2000:]
+        assert not session_kept()
+    finally:
         agent.stop()
         broker.stop()
