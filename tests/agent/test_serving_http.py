@@ -730,7 +730,7 @@ def test_when_all_http_places_are_taken_the_longest_idle_keep_alive_connection_i
         others.append(socket.create_connection(server.http_address, timeout=10))
     try:
         assert wait(lambda: server.snapshot()["http_clients"] == 4)
-        time.sleep(EVICT_GRACE_S)  # the answered one has waited out its grace: the longest idle
+        time.sleep(EVICT_GRACE_S + 1.0)  # the answered one has waited out its grace: the longest idle
         status, answer = call(server, "POST", "/v1/predict", {"inputs": {"image": samples(1)[0].tolist()}})
         assert status == 200, answer
         live = server.snapshot()
