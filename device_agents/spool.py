@@ -40,13 +40,14 @@ earlier than the device's provisioning (``horizon_floor``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgekit_protocol.messages import MAX_SKEW_S
@@ -150,14 +151,9 @@ class Spool:
         if not value or renew:
             value = secrets.randbits(62) | 1
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with self._transaction():
                     self._db.execute("DELETE FROM counters WHERE name LIKE 'seq.%'")
                     self._db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('epoch', ?)", (value,))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
             except sqlite3.OperationalError as exc:
                 log.warning("spool: its epoch not persisted: %s", exc)
         return f"{value:016x}"
@@ -176,14 +172,9 @@ class Spool:
         last, closed = self._counter("boot"), self._counter("closed")
         try:
             self._synchronous("FULL")
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 self._db.executemany("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
                                      [("boot", boot), ("closed", 0)])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         except sqlite3.OperationalError as exc:
             log.warning("spool: this start not recorded: %s", exc)
         lost = bool(last) and last != boot and not closed
@@ -223,6 +214,19 @@ class Spool:
             self._db.execute(f"PRAGMA synchronous={sync}")
             self._sync = sync
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Run the block in one write transaction (caller holds the lock): committed when the block ends, rolled back
+        when it or the commit raises (a full disk), and the exception goes on."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
     def _counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return (row[0] if row else 0) + self._uncounted.get(name, 0)
@@ -240,13 +244,10 @@ class Spool:
             return
         held, self._uncounted = self._uncounted, {}
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            for name, by in held.items():
-                self._bump(name, by)
-            self._db.execute("COMMIT")
+            with self._transaction():
+                for name, by in held.items():
+                    self._bump(name, by)
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
             for name, by in held.items():
                 self._uncounted[name] = self._uncounted.get(name, 0) + by
             raise
@@ -377,13 +378,8 @@ class Spool:
         if not self._acked and not self._undone:
             return
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 acked, gone = self._forget()
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         except sqlite3.OperationalError as exc:  # "database or disk is full"
             log.warning("spool: %d acknowledged row(s) not deleted yet: %s", len(self._undone), exc)
             return

@@ -39,6 +39,9 @@ def disk_full_on(spool, statement):
                 raise sqlite3.OperationalError("database or disk is full")
             return real.execute(sql, *args)
 
+        def __getattr__(self, name):  # the rest as the real connection has it (in_transaction...)
+            return getattr(real, name)
+
     spool._db = Full()
     try:
         yield

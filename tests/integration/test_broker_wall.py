@@ -280,6 +280,16 @@ def _walled_fleet(tmp_path):
     return broker, users, fleet, d2
 
 
+def _publish_telemetry_until_stored(publisher, d2, n: int, mon) -> None:
+    """Publish ``n`` telemetry messages signed by d2 (seq 1..n), then wait up to 10 s for ``mon`` to store ``n``."""
+    for seq in range(1, n + 1):
+        msg = d2.sign(messages.envelope("telemetry", "walled", "d2", seq, {"conditions": {}, "spool": {}}))
+        publisher.publish(messages.topic("walled", "d2", "telemetry"), messages.encode(msg), qos=1).wait_for_publish(5)
+    deadline = time.monotonic() + 10
+    while mon.stats.stored < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_a_device_subscribing_to_the_monitors_shared_group_by_its_name_takes_no_record_from_it(tmp_path):
     """Mosquitto hands each message of a shared subscription to the group's members in turn and drops it when that
     member may not read it, and it lets any user subscribe: a device's broker user subscribed to
@@ -302,12 +312,7 @@ def test_a_device_subscribing_to_the_monitors_shared_group_by_its_name_takes_no_
         intruder.subscribe(f"$share/monitors/{messages.ROOT}/walled/+/telemetry", qos=1)
         assert subscribed.wait(10)
         n = 20
-        for seq in range(1, n + 1):
-            msg = d2.sign(messages.envelope("telemetry", "walled", "d2", seq, {"conditions": {}, "spool": {}}))
-            publisher.publish(messages.topic("walled", "d2", "telemetry"), messages.encode(msg), qos=1).wait_for_publish(5)
-        deadline = time.monotonic() + 10
-        while mon.stats.stored < n and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _publish_telemetry_until_stored(publisher, d2, n, mon)
         assert mon.stats.stored == n, mon.stats
     finally:
         mon.stop()
@@ -384,12 +389,7 @@ def test_a_share_worker_upgraded_in_place_leaves_the_group_its_session_joined_un
     try:
         assert how == "ok"
         n = 10
-        for seq in range(1, n + 1):
-            msg = d2.sign(messages.envelope("telemetry", "walled", "d2", seq, {"conditions": {}, "spool": {}}))
-            publisher.publish(messages.topic("walled", "d2", "telemetry"), messages.encode(msg), qos=1).wait_for_publish(5)
-        deadline = time.monotonic() + 10
-        while mon.stats.stored < n and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _publish_telemetry_until_stored(publisher, d2, n, mon)
         time.sleep(1.0)  # a second copy of each would have come by now
         assert (mon.stats.stored, mon.stats.duplicates) == (n, 0), mon.stats
     finally:
