@@ -189,9 +189,9 @@ def spool_taken(root: Path) -> int:
     return _spool_rows(root, "SELECT COUNT(*) FROM seen")
 
 
-def spool_inbox(root: Path) -> int:
-    """Commands an agent has taken and not yet answered."""
-    return _spool_rows(root, "SELECT COUNT(*) FROM inbox")
+def spool_inbox(root: Path, started: bool = False) -> int:
+    """Commands an agent has taken and not yet answered (``started``: of those, the ones it began running)."""
+    return _spool_rows(root, "SELECT COUNT(*) FROM inbox" + (" WHERE started = 1" if started else ""))
 
 
 def make_tls(folder: Path):

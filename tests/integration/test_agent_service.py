@@ -357,6 +357,8 @@ def test_commands_taken_before_a_crash_are_answered_after_the_restart_and_never_
         for msg in (slow, waiting):
             sender.publish(messages.topic(FLEET, "dev1", "cmd"), messages.encode(msg), qos=1).wait_for_publish(5)
         assert wait_until(lambda: spool_inbox(agent.root) == 2, 10)  # both on disk, neither answered
+        assert wait_until(lambda: spool_inbox(agent.root, started=True) == 1, 30)  # the bench running (a loaded machine
+        # can take a while to begin it: killed before, it is run after the restart, rightly, and answered ok)
         agent.proc.kill()
         agent.proc.wait(10)
         assert not any(a["cmd_id"] in (slow["msg_id"], waiting["msg_id"]) for a in monitor.messages["cmd/ack"])
